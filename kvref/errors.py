@@ -1,0 +1,46 @@
+"""Exceptions raised by kvref.
+
+Every error names the argument, the value that was expected and the value that was given, e.g.::
+
+    ShapeError: k_new: expected shape (1, 4, 2, 16), got (1, 4, 8, 16)
+
+All of them derive from :class:`KVCacheError`, so ``except kvref.KVCacheError`` catches any of them. Validation runs in
+Python before any compiled code, and a call that raises leaves the cache exactly as it was.
+"""
+
+
+class KVCacheError(Exception):
+    """Base class. ``argument``, ``expected`` and ``actual`` hold the three parts of the message."""
+
+    def __init__(self, argument, expected, actual, detail=""):
+        self.argument = argument
+        self.expected = expected
+        self.actual = actual
+        message = f"{argument}: expected {expected}, got {actual}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+
+class ShapeError(KVCacheError, ValueError):
+    """An array has the wrong shape, or a size parameter is not a valid size."""
+
+
+class DTypeError(KVCacheError, TypeError):
+    """An array has the wrong dtype, or an unsupported storage dtype was asked for."""
+
+
+class IndexOutOfRangeError(KVCacheError, IndexError):
+    """A layer, sequence, head or position index is outside its range."""
+
+
+class CacheOverflowError(KVCacheError):
+    """Writing the requested tokens would go past the cache's capacity. Nothing was written."""
+
+
+class StaleStepError(KVCacheError):
+    """A planned step no longer matches the cache (it was already applied, or the cache changed since)."""
+
+
+class BackendUnavailableError(KVCacheError, RuntimeError):
+    """The requested backend ("python", "cpu" or "cuda") cannot run here; the message says why."""

@@ -1,0 +1,67 @@
+"""Memory formulas for KV caches, checked by the tests against the ``nbytes`` of real allocated caches.
+
+A cache stores K and V (the factor 2) for every layer, sequence, **KV head**, token slot and head element:
+
+    bytes = 2 * layers * batch * local_kv_heads * max_tokens * head_dim * element_bytes
+
+With tensor parallelism over ``tp_size`` GPUs each rank keeps only its own KV heads (seed 002's formula):
+
+    local_kv_heads = kv_heads / tp_size            when tp_size <= kv_heads (tp_size must divide kv_heads)
+    local_kv_heads = 1                             when tp_size >  kv_heads (heads are replicated; tp_size must
+                                                   be a multiple of kv_heads, as in vLLM)
+
+Seed 003 used ``n_heads`` (query heads) in this formula: for a GQA model that overstates memory by
+``q_heads / kv_heads`` (8x for TinyLlama, 4x for Llama-3-8B).
+"""
+
+from .errors import ShapeError
+from .shapes import check_positive_int
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+def local_kv_heads(kv_heads, tp_size=1):
+    """KV heads held by one tensor-parallel rank (see the module docstring)."""
+    check_positive_int("tp_size", tp_size)
+    if tp_size <= kv_heads:
+        if kv_heads % tp_size:
+            raise ShapeError("tp_size", f"a divisor of kv_heads={kv_heads} (or a multiple of it)", tp_size)
+        return kv_heads // tp_size
+    if tp_size % kv_heads:
+        raise ShapeError("tp_size", f"a multiple of kv_heads={kv_heads} (or a divisor of it)", tp_size)
+    return 1
+
+
+def bytes_per_token(shape, tp_size=1):
+    """Bytes one token adds to the cache on one rank, all layers: 2 * layers * local_kv_heads * head_dim * bytes."""
+    return 2 * shape.layers * local_kv_heads(shape.kv_heads, tp_size) * shape.head_dim * shape.element_bytes
+
+
+def bytes_per_layer(shape, batch, max_tokens, tp_size=1):
+    """Bytes of one layer on one rank: 2 * batch * local_kv_heads * max_tokens * head_dim * bytes."""
+    check_positive_int("batch", batch)
+    check_positive_int("max_tokens", max_tokens)
+    return 2 * batch * local_kv_heads(shape.kv_heads, tp_size) * max_tokens * shape.head_dim * shape.element_bytes
+
+
+def cache_bytes(shape, batch, max_tokens, tp_size=1):
+    """Bytes of the whole cache on one rank: layers * bytes_per_layer = batch * max_tokens * bytes_per_token."""
+    return shape.layers * bytes_per_layer(shape, batch, max_tokens, tp_size)
+
+
+def wrong_heads_bytes(shape, batch, max_tokens):
+    """Seed 003's formula, which sizes the cache by query heads: kept only to show how far off it is."""
+    return 2 * shape.layers * batch * max_tokens * shape.q_heads * shape.head_dim * shape.element_bytes
+
+
+def memory_table(names=None, contexts=(2048, 4096, 8192, 32768), batch=1, dtype="float16", tp_size=1):
+    """Rows ``(model, context, bytes)`` of :func:`cache_bytes` for presets: the table the notebook and report show."""
+    from .shapes import PRESETS, preset
+
+    rows = []
+    for name in names or PRESETS:
+        shape = preset(name, dtype)
+        for context in contexts:
+            rows.append((name, context, cache_bytes(shape, batch, context, tp_size)))
+    return rows
