@@ -9,7 +9,7 @@ with ``numba.njit`` (``kvref.cpu``) and called from ``numba.cuda`` kernels (``kv
 >>> step = cache.plan(num_tokens=3)
 """
 
-from . import memory, shapes
+from . import memory, shapes, toy
 from .attention import default_scale, visible
 from .backends import backends
 from .errors import (BackendUnavailableError, CacheOverflowError, DTypeError, IndexOutOfRangeError, KVCacheError,
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "CacheOverflowError", "CacheShape", "DTypeError", "FlatCache", "IndexOutOfRangeError",
     "KVCacheError", "PRESETS", "ShapeError", "StaleStepError", "Step", "backends", "default_scale", "memory",
-    "preset", "shapes", "visible",
+    "preset", "shapes", "toy", "visible",
 ]

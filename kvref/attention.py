@@ -71,6 +71,7 @@ def attend_group(q, keys, values, n_keys, scale, out, work):
     """
     G = q.shape[0]
     D = q.shape[1]
+    # Rows are taken as 1-D views (k_row, q_row, acc_row): Numba then vectorises the d loops without index checks.
     M = TILE  # column of the running max m
     L = TILE + 1  # column of the running sum l
     for g in range(G):
@@ -84,10 +85,12 @@ def attend_group(q, keys, values, n_keys, scale, out, work):
         v_tile = values[start:start + n]  # (n, D)
         # 1. scores of the tile: each K row is read once for all G query heads
         for j in range(n):
+            k_row = k_tile[j]
             for g in range(G):
+                q_row = q[g]
                 s = np.float32(0.0)
                 for d in range(D):
-                    s += q[g, d] * widen(k_tile[j, d])
+                    s += q_row[d] * widen(k_row[d])
                 work[g, j] = s * scale
         # 2. online softmax: new max, rescale what was summed, probabilities of the tile
         for g in range(G):
@@ -107,10 +110,12 @@ def attend_group(q, keys, values, n_keys, scale, out, work):
                 out[g, d] *= c
         # 3. acc += p_j * v_j: each V row is read once for all G query heads
         for j in range(n):
+            v_row = v_tile[j]
             for g in range(G):
                 p = work[g, j]
+                acc_row = out[g]
                 for d in range(D):
-                    out[g, d] += p * widen(v_tile[j, d])
+                    acc_row[d] += p * widen(v_row[d])
     for g in range(G):
         total = work[g, L]
         inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)

@@ -1,0 +1,364 @@
+"""Benchmarks: ``python -m kvref.bench`` prints the results and writes BENCHMARKS.md.
+
+Everything is measured side by side in one run and reported as ratios, never as absolute goals:
+
+* memory bandwidth of this machine: a STREAM-like read (sum) and copy, with 1 and with 2 threads;
+* decode attention (one query token, 32 query heads, head_dim 128, 8 or 32 KV heads, fp32 and fp16,
+  n = 1k, 4k, 16k, 64k cached tokens) for kvref-cpu, plain NumPy, torch SDPA and torch matmul+softmax. Each as
+  time, GB/s of K/V read, fraction of the in-run read bandwidth of the same thread count, and ratio vs each peer;
+* appending one token at context length n to a kvref FlatCache vs Hugging Face-style ``torch.cat`` growth.
+
+Caches are rotated (at least 256 MiB in all) so that no timing is served from the 32 MiB L3.
+Each thread count runs in its own subprocess, with NUMBA/OMP/OpenBLAS thread counts set before import.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROTATE_BYTES = 256 * 2**20
+D = 128
+Q_HEADS = 32
+
+
+def _median_time(fn, args_list, min_reps=5, min_seconds=0.3, max_reps=200):
+    """Median wall time of fn(*args), cycling through args_list (rotated inputs)."""
+    fn(*args_list[0])  # warm-up (and compile)
+    times = []
+    start = time.perf_counter()
+    i = 0
+    while (len(times) < min_reps or time.perf_counter() - start < min_seconds) and len(times) < max_reps:
+        args = args_list[i % len(args_list)]
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+        i += 1
+    times.sort()
+    return times[len(times) // 2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bandwidth
+# --------------------------------------------------------------------------------------------------------------
+def measure_bandwidth(threads, gib=1.0):
+    """STREAM-like read and copy of a ``gib`` GiB float32 array with ``threads`` Numba threads -> GB/s."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, fastmath=True)
+    def read(a, chunks):
+        n = a.size
+        partial = np.zeros(chunks, np.float32)
+        for c in numba.prange(chunks):
+            part = a[c * n // chunks:(c + 1) * n // chunks]
+            s = np.float32(0.0)
+            for i in range(part.size):
+                s += part[i]
+            partial[c] = s
+        return partial.sum()
+
+    @numba.njit(parallel=True)
+    def copy(dst, src, chunks):
+        n = src.size
+        for c in numba.prange(chunks):
+            d = dst[c * n // chunks:(c + 1) * n // chunks]
+            s = src[c * n // chunks:(c + 1) * n // chunks]
+            for i in range(s.size):
+                d[i] = s[i]
+
+    numba.set_num_threads(threads)
+    n = int(gib * 2**30 // 4)
+    a = np.ones(n, np.float32)
+    b = np.empty_like(a)
+    chunks = 64
+    t_read = _median_time(read, [(a, chunks)], min_reps=5, min_seconds=1.0)
+    t_copy = _median_time(copy, [(b, a, chunks)], min_reps=5, min_seconds=1.0)
+    return {"read_GBps": a.nbytes / t_read / 1e9, "copy_GBps": 2 * a.nbytes / t_copy / 1e9}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decode attention
+# --------------------------------------------------------------------------------------------------------------
+def _kv_bytes(kv_heads, n, dtype):
+    return 2 * kv_heads * n * D * (4 if dtype == "float32" else 2)
+
+
+def bench_attention(n, kv_heads, dtype, rng, peers=True):
+    """Times of one decode step over n cached tokens for each implementation (seconds), rotated caches."""
+    import numpy as np
+
+    from .flat import FlatCache
+    from .shapes import CacheShape
+
+    shape = CacheShape(1, Q_HEADS, kv_heads, D, dtype)
+    count = max(1, math.ceil(ROTATE_BYTES / _kv_bytes(kv_heads, n, dtype)))
+    caches, steps = [], []
+    for _ in range(count):
+        cache = FlatCache(shape, batch=1, max_tokens=n, backend="cpu")
+        k = rng.standard_normal((1, 1, n, kv_heads, D), dtype=np.float32).astype(dtype)
+        v = rng.standard_normal((1, 1, n, kv_heads, D), dtype=np.float32).astype(dtype)
+        cache.append(k, v)
+        cache.crop(n - 1)
+        step = cache.plan(1)
+        cache.write(step, 0, k[0, :, -1:], v[0, :, -1:])
+        caches.append(cache)
+        steps.append(step)
+    q = rng.standard_normal((1, 1, Q_HEADS, D), dtype=np.float32)
+    out = np.empty_like(q)
+    results = {"kvref": _median_time(lambda c, s: c.attend(s, 0, q, out=out), list(zip(caches, steps)))}
+    if not peers:
+        return results, caches, q
+    group = Q_HEADS // kv_heads
+    scale = np.float32(1.0 / math.sqrt(D))
+    # Head-major views (kv_heads, n, D) of each cache's K and V, shared with torch without copies.
+    kvs = [(c._kv[0, 0, 0].view(np.dtype(dtype)), c._kv[0, 1, 0].view(np.dtype(dtype))) for c in caches]
+
+    def numpy_attend(keys, values):
+        if keys.dtype != np.float32:  # NumPy has no fast fp16 matmul: widen first, as a NumPy user would
+            keys = keys.astype(np.float32)
+            values = values.astype(np.float32)
+        qg = q.reshape(kv_heads, group, D)
+        s = np.matmul(qg, keys.transpose(0, 2, 1)) * scale  # (kv_heads, G, n)
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        return np.matmul(s, values)
+
+    results["numpy"] = _median_time(numpy_attend, kvs)
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return results, caches, q
+    tdtype = torch.float32 if dtype == "float32" else torch.float16
+    tkv = [(torch.from_numpy(k.view(np.uint16) if dtype == "float16" else k),
+            torch.from_numpy(v.view(np.uint16) if dtype == "float16" else v)) for k, v in kvs]
+    if dtype == "float16":
+        tkv = [(k.view(torch.float16), v.view(torch.float16)) for k, v in tkv]
+    tq = torch.from_numpy(q).reshape(1, Q_HEADS, 1, D).to(tdtype)
+
+    def torch_sdpa(keys, values):
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(tq, keys[None], values[None], enable_gqa=True)
+
+    tqg = tq.reshape(kv_heads, group, D)
+
+    def torch_matmul(keys, values):
+        with torch.no_grad():
+            s = torch.matmul(tqg, keys.transpose(1, 2)) * float(scale)
+            return torch.matmul(torch.softmax(s, dim=-1), values)
+
+    results["torch_sdpa"] = _median_time(torch_sdpa, tkv)
+    results["torch_matmul"] = _median_time(torch_matmul, tkv)
+    return results, caches, q
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Append
+# --------------------------------------------------------------------------------------------------------------
+def bench_append(n_values, kv_heads=8, rng=None):
+    """Seconds to append one token (one layer, fp32) at context n: kvref FlatCache vs torch.cat growth."""
+    import numpy as np
+
+    from .flat import FlatCache
+    from .shapes import CacheShape
+
+    shape = CacheShape(1, Q_HEADS, kv_heads, D, "float32")
+    k1 = rng.standard_normal((1, 1, kv_heads, D), dtype=np.float32)
+    rows = []
+    for n in n_values:
+        cache = FlatCache(shape, batch=1, max_tokens=n + 1, backend="cpu")
+        cache._lengths[0] = n  # pretend n tokens are cached: appending never reads them
+
+        def kvref_append():
+            step = cache.plan(1)
+            cache.write(step, 0, k1, k1)
+            cache.advance(step)
+            cache._lengths[0] = n
+
+        row = {"n": n, "kvref": _median_time(kvref_append, [()], min_reps=200, min_seconds=0.2, max_reps=5000)}
+        try:
+            import torch
+
+            tk = torch.zeros(1, kv_heads, n, D)
+            tnew = torch.from_numpy(k1.reshape(1, kv_heads, 1, D))
+
+            def torch_cat():
+                torch.cat([tk, tnew], dim=-2)
+                torch.cat([tk, tnew], dim=-2)  # K and V
+
+            row["torch_cat"] = _median_time(torch_cat, [()], min_reps=5, min_seconds=0.2, max_reps=200)
+        except ImportError:
+            pass
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One thread count (runs in a subprocess) and the report
+# --------------------------------------------------------------------------------------------------------------
+def run_threads(threads, sizes, quick):
+    import numpy as np
+
+    import numba
+
+    numba.set_num_threads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    rng = np.random.default_rng(0)
+    result = {"threads": threads, "torch": torch_version, "numba": numba.__version__, "numpy": np.__version__}
+    result["bandwidth"] = measure_bandwidth(threads, gib=0.5 if quick else 1.0)
+    rows = []
+    for dtype in ("float32", "float16"):
+        for kv_heads in (8, 32):
+            for n in sizes:
+                times, caches, _ = bench_attention(n, kv_heads, dtype, rng)
+                del caches
+                rows.append({"dtype": dtype, "kv_heads": kv_heads, "n": n, "bytes": _kv_bytes(kv_heads, n, dtype),
+                             "times": times})
+                print(f"  [{threads} thr] attention {dtype} kv_heads={kv_heads} n={n}: "
+                      + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()), file=sys.stderr, flush=True)
+    result["attention"] = rows
+    if threads == 1:
+        result["append"] = bench_append([1024, 4096, 16384, 65536], rng=rng)
+    return result
+
+
+def _fmt_ratio(a, b):
+    return f"{a / b:.2f}x"
+
+
+def report(results, machine):
+    """BENCHMARKS.md text from the per-thread results, with the issue's targets evaluated."""
+    lines = ["# kvref benchmarks", "",
+             "Generated by `python -m kvref.bench`. Every number comes from one run on the machine below; ratios are "
+             "measured side by side in the same process. GB/s counts the K/V bytes one decode step must read "
+             "(2 · kv_heads · n · 128 · element bytes); '% BW' divides by the STREAM-like read bandwidth measured "
+             "in the same run with the same thread count. 'x NumPy' etc. is how many times faster kvref is.", "",
+             "## Machine", ""]
+    for k, v in machine.items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "## Memory bandwidth (STREAM-like, 1 GiB float32 array)", "",
+              "| threads | read GB/s | copy GB/s |", "|---|---|---|"]
+    for r in results:
+        b = r["bandwidth"]
+        lines.append(f"| {r['threads']} | {b['read_GBps']:.1f} | {b['copy_GBps']:.1f} |")
+    targets = []
+    for r in results:
+        bw = r["bandwidth"]["read_GBps"]
+        lines += ["", f"## Decode attention, {r['threads']} thread(s): 32 query heads, head_dim 128, one query token",
+                  "", "| dtype | kv heads | n | kvref ms | kvref GB/s | % BW | numpy ms | torch SDPA ms | "
+                  "torch matmul ms | x NumPy | x SDPA | x matmul |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in r["attention"]:
+            t = row["times"]
+            gbps = row["bytes"] / t["kvref"] / 1e9
+            cells = [row["dtype"], str(row["kv_heads"]), str(row["n"]), f"{t['kvref'] * 1e3:.2f}", f"{gbps:.1f}",
+                     f"{100 * gbps / bw:.0f}%"]
+            for peer in ("numpy", "torch_sdpa", "torch_matmul"):
+                cells.append(f"{t[peer] * 1e3:.2f}" if peer in t else "—")
+            for peer in ("numpy", "torch_sdpa", "torch_matmul"):
+                cells.append(_fmt_ratio(t[peer], t["kvref"]) if peer in t else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+            row["gbps"], row["fraction"] = gbps, gbps / bw
+        targets += _targets(r)
+    one = [r for r in results if r["threads"] == 1]
+    if one and "append" in one[0]:
+        rows = one[0]["append"]
+        lines += ["", "## Append one token (one layer, 8 KV heads, fp32) at context length n", "",
+                  "| n | kvref µs | torch.cat µs | torch.cat / kvref |", "|---|---|---|---|"]
+        for row in rows:
+            tc = row.get("torch_cat")
+            lines.append(f"| {row['n']} | {row['kvref'] * 1e6:.2f} | "
+                         + (f"{tc * 1e6:.1f} | {tc / row['kvref']:.0f}x |" if tc else "— | — |"))
+        by_n = {row["n"]: row for row in rows}
+        growth = by_n[65536]["kvref"] / by_n[1024]["kvref"]
+        targets.append(("Append t(64k)/t(1k) <= 1.2", f"{growth:.2f}", growth <= 1.2))
+        if "torch_cat" in by_n[16384]:
+            speed = by_n[16384]["torch_cat"] / by_n[16384]["kvref"]
+            targets.append(("Append >= 100x faster than torch.cat at n=16k", f"{speed:.0f}x", speed >= 100))
+    lines += ["", "## Targets (issue #3)", "", "| target | measured | met |", "|---|---|---|"]
+    for name, value, met in targets:
+        lines.append(f"| {name} | {value} | {'yes' if met else '**no**'} |")
+    return "\n".join(lines) + "\n", targets
+
+
+def _targets(r):
+    out = []
+    rows = {(row["dtype"], row["kv_heads"], row["n"]): row for row in r["attention"]}
+    n = max(row["n"] for row in r["attention"])
+    if r["threads"] == 1:
+        mha = rows[("float32", 32, n)]
+        gqa = rows[("float32", 8, n)]
+        f16 = rows[("float16", 8, n)]
+        out.append((f"fp32 MHA n={n}, 1 thread: >= 90% of read BW", f"{100 * mha['fraction']:.0f}%",
+                    mha["fraction"] >= 0.90))
+        out.append((f"fp32 GQA n={n}, 1 thread: >= 75% of read BW", f"{100 * gqa['fraction']:.0f}%",
+                    gqa["fraction"] >= 0.75))
+        out.append((f"fp16 GQA n={n}, 1 thread: >= 20 GB/s", f"{f16['gbps']:.1f} GB/s", f16["gbps"] >= 20))
+    else:
+        gqa = rows[("float32", 8, n)]
+        t = gqa["times"]
+        if "torch_sdpa" in t:
+            out.append((f"fp32 GQA n={n}, {r['threads']} threads: >= 5x torch SDPA",
+                        _fmt_ratio(t["torch_sdpa"], t["kvref"]), t["torch_sdpa"] / t["kvref"] >= 5))
+            out.append((f"fp32 GQA n={n}, {r['threads']} threads: >= 1.5x torch matmul+softmax",
+                        _fmt_ratio(t["torch_matmul"], t["kvref"]), t["torch_matmul"] / t["kvref"] >= 1.5))
+    return out
+
+
+def machine_info():
+    import numpy as np
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+            "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kvref.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="n = 1k and 4k only (a smoke run)")
+    parser.add_argument("--threads", type=int, default=0, help="(internal) run one thread count and print JSON")
+    parser.add_argument("--out", default="BENCHMARKS.md", help="where to write the report")
+    args = parser.parse_args(argv)
+    sizes = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
+    if args.threads:
+        print(json.dumps(run_threads(args.threads, sizes, args.quick)))
+        return 0
+    results = []
+    for threads in (1, 2):
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        cmd = [sys.executable, "-m", "kvref.bench", "--threads", str(threads)] + (["--quick"] if args.quick else [])
+        print(f"running {threads}-thread benchmarks ...", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    machine = machine_info()
+    machine["numba"] = results[0]["numba"]
+    machine["torch"] = results[0]["torch"] or "not installed"
+    text, targets = report(results, machine)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

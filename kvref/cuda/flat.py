@@ -1,0 +1,172 @@
+"""CUDA twins of the flat cache's spec (``kvref/flat.py``): thread mappings whose bodies call the spec.
+
+The kernels below contain no cache logic. Each thread works out which element (write) or which work item (attend)
+is its own and calls the spec function that handles exactly that, ``flat.write_one`` or ``flat.attend_one``. Those
+are ``@register_jitable`` functions, which numba-cuda compiles as device functions, together with everything they
+call (``attention.attend_group``, ``fp16.widen`` through its generic overload, ``attention.exp_f32``).
+
+Thread mappings::
+
+    write    grid (n_seq * T, kv_heads), block head_dim threads       (ARCHITECTURE.md, "Write")
+             block (row, h) is token t of step-sequence i with row = i * T + t; thread d stores element d
+             (if head_dim > 1024, the most threads a block can have, each thread strides over d)
+    attend   one thread per work item (i, t, kv_head), item = cuda.grid(1) = (i * T + t) * kv_heads + h
+             each thread runs the whole online softmax of its G query heads over the visible slots
+
+The attend mapping is deliberately the simplest one that calls the spec unchanged: the spec's ``attend_tokens``
+allocates its scratch with ``np.empty``, which CUDA device code cannot do, so the launcher allocates a global-memory
+scratch array ``work`` of shape ``(n_items, G, TILE + 2)`` float32 and hands row ``work[item]`` to each thread.
+**Future work: the faster GPU schedule** is one thread block per (i, t, kv_head) group, with the threads of the block
+splitting the keys of a tile and combining the dot products through a shared-memory reduction (shared memory, not
+warp shuffles, which the simulator lacks), and the running max/sum of the online softmax held in shared memory. It
+must still call spec primitives for the softmax update, not restate them.
+
+Numerics: writes are copies, bit-identical to the python backend. Attention agrees with the spec to float32
+rounding, not bit for bit: NVVM contracts ``a * b + c`` into FMA by default and ``math.exp`` lowers to libdevice.
+
+Kernel bodies are plain Python functions (``_write_kernel_body``, ``_attend_kernel_body``) made into kernels with
+``cuda.jit``. ``KERNELS`` lists every body with the signatures it is launched with, so ``tests/test_ptx.py`` can
+compile each one to PTX for sm_90 without a GPU (``cuda.compile_ptx(body, sig, cc=(9, 0))``).
+"""
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from .. import flat
+from ..attention import TILE
+
+#: threads per block for the attend kernel (one thread per work item)
+ATTEND_THREADS = 64
+#: the most threads a CUDA block may have; wider heads make each write thread stride over head_dim
+MAX_BLOCK_THREADS = 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: index arithmetic only; the work is the spec's.
+# ---------------------------------------------------------------------------------------------------------------
+def _write_kernel_body(kv, layer, seq_ids, slots, k_new, v_new):
+    """Block (i * T + t, h) writes head h of new token t of step-sequence i; thread d writes element d."""
+    n_tokens = slots.shape[1]
+    row = cuda.blockIdx.x
+    i = row // n_tokens
+    t = row % n_tokens
+    h = cuda.blockIdx.y
+    for d in range(cuda.threadIdx.x, k_new.shape[3], cuda.blockDim.x):
+        flat.write_one(kv, layer, seq_ids, slots, k_new, v_new, i, t, h, d)
+
+
+def _attend_kernel_body(kv, layer, seq_ids, positions, q, scale, out, work):
+    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+    n_seq, n_tokens = positions.shape
+    kv_heads = kv.shape[3]
+    item = cuda.grid(1)
+    if item < n_seq * n_tokens * kv_heads:
+        i = item // (n_tokens * kv_heads)
+        t = (item // kv_heads) % n_tokens
+        h = item % kv_heads
+        flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, work[item], i, t, h)
+
+
+_write_kernel = cuda.jit(_write_kernel_body)
+_attend_kernel = cuda.jit(_attend_kernel_body)
+
+
+def _signatures():
+    """The signatures the launchers below use: fp32 and uint16 (fp16 bits) storage, C-contiguous arrays."""
+    from numba.core import types
+
+    def c(dtype, ndim):
+        return types.Array(dtype, ndim, "C")
+
+    f32, i64 = types.float32, types.int64
+    write, attend = [], []
+    for storage in (types.float32, types.uint16):
+        write.append(types.void(c(storage, 6), i64, c(i64, 1), c(i64, 2), c(storage, 4), c(storage, 4)))
+        attend.append(types.void(c(storage, 6), i64, c(i64, 1), c(i64, 2), c(f32, 4), f32, c(f32, 4), c(f32, 3)))
+    return {"write": write, "attend": attend}
+
+
+#: every kernel of this module: name -> (plain Python body, [numba signatures it is launched with])
+KERNELS = {
+    "flat.write": (_write_kernel_body, _signatures()["write"]),
+    "flat.attend": (_attend_kernel_body, _signatures()["attend"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers and the operations object a cache calls (the interface of kvref.backends.HostOps)
+# ---------------------------------------------------------------------------------------------------------------
+def _is_device_array(a):
+    return bool(getattr(a, "__cuda_ndarray__", False))  # numba device arrays, real and simulated
+
+
+def _on_device(a):
+    """A device array as is; a host array copied to the device (C-contiguous)."""
+    return a if _is_device_array(a) else cuda.to_device(np.ascontiguousarray(a))
+
+
+def write_tokens(kv, layer, seq_ids, slots, k_new, v_new):
+    """Scatter the new K/V of one layer into their slots (spec: ``kvref.flat.write_tokens``); ``kv`` is on the device.
+
+    k_new, v_new: (n_seq, T, kv_heads, head_dim) in the storage dtype, host or device arrays.
+    """
+    n_seq, n_tokens, kv_heads, head_dim = k_new.shape
+    threads = min(head_dim, MAX_BLOCK_THREADS)
+    _write_kernel[(n_seq * n_tokens, kv_heads), threads](
+        kv, int(layer), _on_device(seq_ids), _on_device(slots), _on_device(k_new), _on_device(v_new))
+
+
+def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
+    """Attention of one layer for every new token (spec: ``kvref.flat.attend_tokens``), into ``out`` in place.
+
+    q, out: (n_seq, T, q_heads, head_dim) float32, host or device arrays; a host ``out`` receives a copy of the result.
+    """
+    n_seq, n_tokens, q_heads, head_dim = q.shape
+    kv_heads = kv.shape[3]
+    group = q_heads // kv_heads
+    n_items = n_seq * n_tokens * kv_heads
+    work = cuda.device_array((n_items, group, TILE + 2), np.float32)  # the scratch the spec gets from np.empty
+    d_out = out if _is_device_array(out) else cuda.device_array(out.shape, np.float32)
+    threads = min(ATTEND_THREADS, n_items)
+    blocks = math.ceil(n_items / threads)
+    _attend_kernel[blocks, threads](kv, int(layer), _on_device(seq_ids), _on_device(positions), _on_device(q),
+                                    np.float32(scale), d_out, work)
+    if d_out is not out:
+        if out.flags.c_contiguous:
+            d_out.copy_to_host(out)
+        else:
+            out[...] = d_out.copy_to_host()
+    return out
+
+
+class CudaOps:
+    """Operations for the cuda backend: the cache's storage is a device array; inputs may be host or device arrays."""
+
+    write_tokens = staticmethod(write_tokens)
+    attend_tokens = staticmethod(attend_tokens)
+
+    @staticmethod
+    def zeros(dims, dtype):
+        """A zero-filled device array."""
+        return cuda.to_device(np.zeros(dims, dtype))
+
+    @staticmethod
+    def to_host(a):
+        """A NumPy copy of a device array; NumPy arrays pass through."""
+        return a.copy_to_host() if _is_device_array(a) else a
+
+    @staticmethod
+    def is_device_array(a):
+        return _is_device_array(a)
+
+    @staticmethod
+    def as_storage(a, storage_dtype):
+        """float16 arrays (host or device) become their uint16 bit patterns (zero-copy); others pass through."""
+        if _is_device_array(a):
+            return a.view(storage_dtype)
+        return np.ascontiguousarray(a).view(storage_dtype)
+
+
+OPS = CudaOps()

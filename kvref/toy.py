@@ -1,0 +1,532 @@
+"""A tiny random-weight decoder-only transformer, to generate text with and without a KV cache.
+
+The model is a Llama-style decoder written in NumPy float32, small enough to read in one sitting (like nanoGPT)::
+
+    x = embed[tokens]                                           (T, d_model)
+    for each layer:
+        h = rms_norm(x) ;  q = rope(h @ Wq) ;  k = rope(h @ Wk) ;  v = h @ Wv
+        x = x + attention(q, k, v) @ Wo                          causal, GQA
+        h = rms_norm(x) ;  x = x + (silu(h @ W_gate) * (h @ W_up)) @ W_down
+    logits = rms_norm(x) @ W_head                               (T, vocab)
+
+It has two forward paths that share every line except where attention gets its keys and values:
+
+* :meth:`ToyModel.forward_full` recomputes the whole sequence with a causal mask, in plain NumPy float64. It does
+  not touch kvref's caches: it is the no-cache path, and an independent check of the cached one.
+* :meth:`ToyModel.forward_cached` runs only the *new* tokens through the layers. Each layer writes their K/V into a
+  :class:`kvref.FlatCache` and attends over everything the cache holds (plan / write / attend / advance, see
+  ``kvref/flat.py``). The same call does prefill (T > 1, in one chunk or several) and decode (T = 1).
+
+:func:`generate` decodes greedily through either path and counts the work exactly, so that seed 002's claim can be
+checked: generating 100 tokens after a 50-token prompt costs 9,950 token-computations without a cache and 150 with
+one, about 66x, not the 33x of the seed (which counted 1 + 2 + ... + 100 = 5,050 and left out the prompt). The
+convention is stated in :func:`token_computations`; :func:`attention_dot_products` counts the attention side.
+
+Weights are random (``np.random.default_rng(seed)``), so the text is gibberish; what matters is that both paths
+produce the same tokens and the same logits, and how much work each does.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DTypeError, IndexOutOfRangeError, ShapeError
+from .flat import FlatCache
+from .shapes import CacheShape, check_positive_int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToyConfig:
+    """Hyper-parameters of the toy model (the names follow a Hugging Face config.json where one exists).
+
+    vocab:      vocabulary size (token ids are 0 .. vocab-1)
+    d_model:    width of the residual stream (``hidden_size``)
+    layers:     decoder layers (``num_hidden_layers``)
+    q_heads:    query heads (``num_attention_heads``)
+    kv_heads:   key/value heads (``num_key_value_heads``); must divide q_heads. kv_heads < q_heads is GQA: query
+                head ``qh`` uses KV head ``qh // (q_heads // kv_heads)``
+    head_dim:   elements per head; must be even (RoPE rotates pairs). q_heads * head_dim need not equal d_model
+    d_ff:       hidden width of the SiLU-gated MLP (``intermediate_size``)
+    max_tokens: longest sequence the model accepts (``max_position_embeddings``); also the cache size
+                :func:`generate` allocates
+    seed:       seed of ``np.random.default_rng`` that draws every weight
+    rope_theta: RoPE base (``rope_theta``)
+    norm_eps:   epsilon of RMSNorm (``rms_norm_eps``)
+    """
+
+    vocab: int = 64
+    d_model: int = 32
+    layers: int = 2
+    q_heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 8
+    d_ff: int = 64
+    max_tokens: int = 256
+    seed: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("vocab", "d_model", "layers", "q_heads", "kv_heads", "head_dim", "d_ff", "max_tokens"):
+            check_positive_int(name, getattr(self, name))
+        if self.q_heads % self.kv_heads:
+            raise ShapeError("kv_heads", f"a divisor of q_heads={self.q_heads}", self.kv_heads)
+        if self.head_dim % 2:
+            raise ShapeError("head_dim", "an even number (RoPE rotates pairs of elements)", self.head_dim)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ShapeError("seed", "an integer >= 0", repr(self.seed))
+        if not self.rope_theta > 1.0:
+            raise ShapeError("rope_theta", "a number > 1", repr(self.rope_theta))
+        if not self.norm_eps > 0.0:
+            raise ShapeError("norm_eps", "a number > 0", repr(self.norm_eps))
+
+    @property
+    def group_size(self):
+        """G = q_heads // kv_heads: query heads that share one KV head."""
+        return self.q_heads // self.kv_heads
+
+    def cache_shape(self, dtype="float32"):
+        """The :class:`kvref.CacheShape` of this model's KV cache: (layers, q_heads, kv_heads, head_dim, dtype)."""
+        return CacheShape(self.layers, self.q_heads, self.kv_heads, self.head_dim, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The building blocks, as free functions over NumPy arrays
+# ---------------------------------------------------------------------------------------------------------------
+def rms_norm(x, gain, eps):
+    """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * gain`` (float32 in, float32 out)."""
+    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))
+    return (x / rms * gain).astype(np.float32)
+
+
+def silu(x):
+    """SiLU (swish): ``x * sigmoid(x) = x / (1 + exp(-x))``."""
+    return (x / (np.float32(1.0) + np.exp(-x))).astype(np.float32)
+
+
+def rope_angles(positions, head_dim, theta):
+    """cos and sin of the RoPE angles, each (T, head_dim // 2) float64.
+
+    angle[t, i] = positions[t] * theta ** (-2 i / head_dim),    i = 0 .. head_dim/2 - 1
+    """
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x, positions, theta):
+    """Rotary position embedding, "rotate-half" form (Llama / Hugging Face ``rotate_half``).
+
+    x: (T, heads, D) float32; positions: (T,) absolute positions of the T tokens. With ``h = D / 2``, the pairs
+    (x[i], x[i + h]) are rotated by angle[t, i] (see :func:`rope_angles`):
+
+        out[i]     = x[i] * cos - x[i + h] * sin
+        out[i + h] = x[i + h] * cos + x[i] * sin
+
+    so q(p) . k(p') depends only on p - p'. Computed in float64, returned as float32. The rotation depends on the
+    absolute position only, so a token rotated once and cached never needs rotating again.
+    """
+    half = x.shape[-1] // 2
+    cos, sin = rope_angles(positions, x.shape[-1], theta)
+    cos = cos[:, None, :]  # broadcast over heads
+    sin = sin[:, None, :]
+    x1 = x[..., :half].astype(np.float64)
+    x2 = x[..., half:].astype(np.float64)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
+
+
+def causal_attention(q, k, v, scale=None):
+    """Full causal attention in float64, the no-cache path (masks the scores; uses no cache).
+
+    q: (T, q_heads, D); k, v: (T, kv_heads, D). Query head qh uses KV head qh // G (GQA, G = q_heads // kv_heads).
+    Query i sees keys j <= i:  out[i, qh] = sum_{j<=i} softmax_j(scale * q[i, qh] . k[j, qh//G]) v[j, qh//G],
+    scale = 1 / sqrt(D) by default. Returns (T, q_heads, D) float32.
+    """
+    T, q_heads, D = q.shape
+    group = q_heads // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    k_rep = np.repeat(k.astype(np.float64), group, axis=1)  # (T, q_heads, D): KV head h serves q heads h*G .. h*G+G-1
+    v_rep = np.repeat(v.astype(np.float64), group, axis=1)
+    scores = np.einsum("ihd,jhd->hij", q.astype(np.float64), k_rep) * scale  # (q_heads, T, T)
+    scores = np.where(causal_mask(T)[None], scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hij,jhd->ihd", p, v_rep).astype(np.float32)
+
+
+def causal_mask(T):
+    """(T, T) bool: True where key j is visible from query i, i.e. j <= i. It has T (T + 1) / 2 True entries."""
+    return np.tril(np.ones((T, T), dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Work counting
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Work:
+    """Work recorded by the forward passes, one entry per forward call (a prefill chunk or a decode step).
+
+    step_tokens[s]:        tokens run through all layers by call s (token-computations of that call)
+    step_dot_products[s]:  query-key dot products of call s, summed over layers and query heads. Only visible
+                           (causal) pairs count: a query at position p reads p + 1 keys.
+    """
+
+    step_tokens: list = field(default_factory=list)
+    step_dot_products: list = field(default_factory=list)
+
+    @property
+    def token_computations(self):
+        """Total token-computations: sum(step_tokens)."""
+        return int(sum(self.step_tokens))
+
+    @property
+    def dot_products(self):
+        """Total query-key dot products: sum(step_dot_products)."""
+        return int(sum(self.step_dot_products))
+
+    def record(self, tokens, dot_products):
+        """Append one forward call's counts."""
+        self.step_tokens.append(int(tokens))
+        self.step_dot_products.append(int(dot_products))
+
+
+def token_computations(prompt_len, new_tokens, use_cache, commit_last=True):
+    """Token-computations to generate N = ``new_tokens`` tokens greedily after a prompt of P = ``prompt_len``.
+
+    One token-computation = one token run through every layer (its projections, attention and MLP).
+
+    Without a cache (``use_cache=False``), new token n (n = 1..N) comes from a full forward pass over the P + n - 1
+    tokens before it (prompt plus new tokens 1..n-1). The last new token is never fed: nothing needs its output.
+
+        total = sum_{n=1..N} (P + n - 1) = N (P - 1) + N (N + 1) / 2        P=50, N=100: 4,900 + 5,050 = 9,950
+
+    With a cache, every token passes through the model once: a prefill of the P prompt tokens (its last logits give
+    new token 1), then decode step n = 1..N feeds new token n alone (its logits give token n + 1). Steps 1..N-1 are
+    needed for the N tokens; step N (``commit_last``) feeds the last new token too, so that the cache ends holding all
+    P + N tokens (what a chat engine keeps for the next turn, and what seed 002's "prefill, then one token per
+    generated token" counts). It costs one token-computation; its no-cache counterpart would be a full recompute of
+    P + N tokens, which the no-cache count above leaves out.
+
+        total = P + N - 1 + commit_last                                     P=50, N=100: 150 (149 without the commit)
+
+    Ratio for P=50, N=100: 9,950 / 150 = 66.3x (66.8x like for like). Seed 002 said 5,050 vs 150, "33x".
+    """
+    P, N = _check_counts(prompt_len, new_tokens)
+    if use_cache:
+        return P + N - 1 + int(bool(commit_last))
+    return N * (P - 1) + N * (N + 1) // 2
+
+
+def attention_dot_products(prompt_len, new_tokens, use_cache, layers=1, q_heads=1, commit_last=True):
+    """Query-key dot products (visible causal pairs) of the same generation as :func:`token_computations`.
+
+    A query at absolute position p (0-based) reads the keys of positions 0..p: p + 1 dot products per query head
+    per layer. Every count below is multiplied by ``layers * q_heads``.
+
+    With a cache, decode step n (feeding new token n at position P + n - 1) does P + n dot products: O(n) per step.
+    The prefill does 1 + 2 + ... + P = P (P + 1) / 2. With the commit step, the total is the causal triangle of the
+    whole sequence, each pair computed exactly once:
+
+        total = P (P + 1) / 2 + sum_{n=1..N-1+c} (P + n)         c = commit_last
+              = (P + N) (P + N + 1) / 2                          when c = 1
+
+    Without a cache, the pass for new token n recomputes the causal triangle of its T = P + n - 1 tokens,
+    T (T + 1) / 2 dot products: O(n^2) per step, O(n^3) in all:
+
+        total = sum_{T=P..P+N-1} T (T + 1) / 2 = [(P+N-1)(P+N)(P+N+1) - (P-1) P (P+1)] / 6
+
+    (A dense masked implementation computes T^2 scores per pass and discards the masked ones; they are not counted.)
+    """
+    P, N = _check_counts(prompt_len, new_tokens)
+    check_positive_int("layers", layers)
+    check_positive_int("q_heads", q_heads)
+    if use_cache:
+        decode_steps = N - 1 + int(bool(commit_last))
+        per_head = P * (P + 1) // 2 + decode_steps * P + decode_steps * (decode_steps + 1) // 2
+    else:
+        per_head = ((P + N - 1) * (P + N) * (P + N + 1) - (P - 1) * P * (P + 1)) // 6
+    return per_head * layers * q_heads
+
+
+def _check_counts(prompt_len, new_tokens):
+    check_positive_int("prompt_len", prompt_len)
+    check_positive_int("new_tokens", new_tokens)
+    return int(prompt_len), int(new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+class ToyModel:
+    """A random-weight decoder-only transformer (see the module docstring for the forward pass).
+
+    Weights, drawn in this order from ``np.random.default_rng(config.seed)``, all float32, ``x @ W`` convention:
+
+        embed                   (vocab, d_model)              N(0, 1)
+        per layer l:
+          attn_norm             (d_model,)                    ones (RMSNorm gain)
+          wq                    (d_model, q_heads*head_dim)   N(0, 1/d_model)
+          wk, wv                (d_model, kv_heads*head_dim)  N(0, 1/d_model)
+          wo                    (q_heads*head_dim, d_model)   N(0, 1/(q_heads*head_dim * 2*layers))
+          mlp_norm              (d_model,)                    ones
+          w_gate, w_up          (d_model, d_ff)               N(0, 1/d_model)
+          w_down                (d_ff, d_model)               N(0, 1/(d_ff * 2*layers))
+        final_norm              (d_model,)                    ones
+        head                    (d_model, vocab)              N(0, 1/d_model)   (not tied to embed)
+
+    The variances keep every projection's output near unit scale (RMSNorm feeds each block unit-RMS rows), and the
+    residual branches are scaled by 1/(2*layers) in variance so the residual stream stays O(1); logits come out with
+    a standard deviation near 1.
+    """
+
+    def __init__(self, config=None):
+        self.config = ToyConfig() if config is None else config
+        if not isinstance(self.config, ToyConfig):
+            raise ShapeError("config", "a kvref.toy.ToyConfig", type(self.config).__name__)
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+
+        def normal(shape, variance):
+            return (rng.standard_normal(shape) * math.sqrt(variance)).astype(np.float32)
+
+        branch = 2 * c.layers
+        self.embed = normal((c.vocab, c.d_model), 1.0)
+        self.blocks = []
+        for _ in range(c.layers):
+            self.blocks.append({
+                "attn_norm": np.ones(c.d_model, np.float32),
+                "wq": normal((c.d_model, c.q_heads * c.head_dim), 1.0 / c.d_model),
+                "wk": normal((c.d_model, c.kv_heads * c.head_dim), 1.0 / c.d_model),
+                "wv": normal((c.d_model, c.kv_heads * c.head_dim), 1.0 / c.d_model),
+                "wo": normal((c.q_heads * c.head_dim, c.d_model), 1.0 / (c.q_heads * c.head_dim * branch)),
+                "mlp_norm": np.ones(c.d_model, np.float32),
+                "w_gate": normal((c.d_model, c.d_ff), 1.0 / c.d_model),
+                "w_up": normal((c.d_model, c.d_ff), 1.0 / c.d_model),
+                "w_down": normal((c.d_ff, c.d_model), 1.0 / (c.d_ff * branch)),
+            })
+        self.final_norm = np.ones(c.d_model, np.float32)
+        self.head = normal((c.d_model, c.vocab), 1.0 / c.d_model)
+
+    def parameters(self):
+        """Every weight by name ("embed", "layers.0.wq", ..., "final_norm", "head"), in drawing order."""
+        params = {"embed": self.embed}
+        for layer, block in enumerate(self.blocks):
+            for name, w in block.items():
+                params[f"layers.{layer}.{name}"] = w
+        params["final_norm"] = self.final_norm
+        params["head"] = self.head
+        return params
+
+    @property
+    def num_parameters(self):
+        """Number of scalar weights."""
+        return int(sum(w.size for w in self.parameters().values()))
+
+    # --- the pieces both paths share ------------------------------------------------------------------------
+    def _check_tokens(self, tokens):
+        a = np.asarray(tokens)
+        if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+            raise ShapeError("tokens", "a non-empty 1-D sequence of integer token ids", repr(tokens))
+        if a.min() < 0 or a.max() >= self.config.vocab:
+            raise IndexOutOfRangeError("tokens", f"ids in [0, {self.config.vocab})",
+                                       f"ids in [{a.min()}, {a.max()}]")
+        return a.astype(np.int64)
+
+    def qkv(self, layer, x, positions):
+        """Attention inputs of one layer for the rows of x (T, d_model) at absolute ``positions`` (T,).
+
+        Returns q (T, q_heads, D), k (T, kv_heads, D), v (T, kv_heads, D), float32, RoPE applied to q and k.
+        """
+        c, w = self.config, self.blocks[layer]
+        h = rms_norm(x, w["attn_norm"], c.norm_eps)
+        T = x.shape[0]
+        q = (h @ w["wq"]).reshape(T, c.q_heads, c.head_dim)
+        k = (h @ w["wk"]).reshape(T, c.kv_heads, c.head_dim)
+        v = (h @ w["wv"]).reshape(T, c.kv_heads, c.head_dim)
+        return apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta), v.astype(np.float32)
+
+    def finish_layer(self, layer, x, attn):
+        """The rest of a layer: ``x += attn @ Wo``, then ``x += MLP(rms_norm(x))``. attn: (T, q_heads, D)."""
+        c, w = self.config, self.blocks[layer]
+        x = x + attn.reshape(x.shape[0], c.q_heads * c.head_dim) @ w["wo"]
+        h = rms_norm(x, w["mlp_norm"], c.norm_eps)
+        return (x + (silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]).astype(np.float32)
+
+    def lm_head(self, x):
+        """Logits (T, vocab) float32 of the final residual stream x (T, d_model): ``rms_norm(x) @ W_head``."""
+        return (rms_norm(x, self.final_norm, self.config.norm_eps) @ self.head).astype(np.float32)
+
+    # --- the two forward paths ------------------------------------------------------------------------------
+    def forward_full(self, tokens, work=None):
+        """Logits (T, vocab) for every position of ``tokens`` (T,), recomputing everything; no cache is involved.
+
+        Token t sits at position t. Attention is :func:`causal_attention` (float64 NumPy). If ``work`` (a
+        :class:`Work`) is given, records T token-computations and ``layers * q_heads * T (T + 1) / 2`` dot products
+        (the visible pairs of the mask actually used).
+        """
+        tokens = self._check_tokens(tokens)
+        c = self.config
+        T = tokens.size
+        if T > c.max_tokens:
+            raise ShapeError("tokens", f"at most max_tokens={c.max_tokens} tokens", T)
+        positions = np.arange(T, dtype=np.int64)
+        x = self.embed[tokens]
+        dots = 0
+        for layer in range(c.layers):
+            q, k, v = self.qkv(layer, x, positions)
+            x = self.finish_layer(layer, x, causal_attention(q, k, v))
+            dots += int(causal_mask(T).sum()) * c.q_heads
+        if work is not None:
+            work.record(T, dots)
+        return self.lm_head(x)
+
+    def forward_cached(self, tokens, cache, seq=0, work=None):
+        """Logits (T, vocab) for the T new ``tokens`` of sequence ``seq``, reusing the K/V already in ``cache``.
+
+        The tokens continue the sequence: they sit at positions ``cache.get_seq_length(seq) + t``. Per call::
+
+            step = cache.plan(T, [seq])                      # positions, slots; overflow raises, nothing changes
+            for each layer:
+                q, k, v = qkv(layer, x, step.positions[0])   # new tokens only; RoPE at their absolute positions
+                cache.write(step, layer, k[None], v[None])   # (1, T, kv_heads, D) in the cache's dtype
+                o = cache.attend(step, layer, q[None])       # (1, T, q_heads, D) float32: causal over the cache
+                x = finish_layer(layer, x, o[0])
+            cache.advance(step)                              # length[seq] += T
+
+        T > 1 is (a chunk of) prefill, T = 1 a decode step. An fp16 cache stores K/V rounded to fp16
+        (``k.astype(np.float16)``); attention still accumulates in float32. If ``work`` is given, records T
+        token-computations and ``layers * q_heads * sum_t (position_t + 1)`` dot products (the keys each query reads).
+        """
+        tokens = self._check_tokens(tokens)
+        c = self.config
+        if not isinstance(cache, FlatCache):
+            raise ShapeError("cache", "a kvref.FlatCache", type(cache).__name__)
+        s = cache.shape
+        if (s.layers, s.q_heads, s.kv_heads, s.head_dim) != (c.layers, c.q_heads, c.kv_heads, c.head_dim):
+            raise ShapeError("cache", f"a cache of shape {c.cache_shape(s.dtype)}", s)
+        T = tokens.size
+        step = cache.plan(T, [seq])
+        positions = step.positions[0]
+        x = self.embed[tokens]
+        for layer in range(c.layers):
+            q, k, v = self.qkv(layer, x, positions)
+            cache.write(step, layer, k[None].astype(s.public_dtype), v[None].astype(s.public_dtype))
+            o = cache.attend(step, layer, np.ascontiguousarray(q[None]))
+            x = self.finish_layer(layer, x, o[0])
+        cache.advance(step)
+        if work is not None:
+            work.record(T, c.layers * c.q_heads * int((positions + 1).sum()))
+        return self.lm_head(x)
+
+    def new_cache(self, backend="cpu", dtype="float32", batch=1, max_tokens=None):
+        """An empty :class:`kvref.FlatCache` for this model (``max_tokens`` defaults to ``config.max_tokens``)."""
+        max_tokens = self.config.max_tokens if max_tokens is None else max_tokens
+        return FlatCache(self.config.cache_shape(dtype), batch=batch, max_tokens=max_tokens, backend=backend)
+
+    # --- generation -----------------------------------------------------------------------------------------
+    def generate(self, prompt, new_tokens, use_cache=True, backend="cpu", dtype="float32", prefill_chunk=None,
+                 commit_last=True, cache=None, seq=0):
+        """Greedy decoding of ``new_tokens`` tokens after ``prompt``; returns a :class:`GenerationResult`.
+
+        use_cache=False: new token n = argmax of the last row of ``forward_full(prompt + new tokens 1..n-1)``.
+        use_cache=True:  prefill the prompt with ``forward_cached`` (in chunks of ``prefill_chunk`` tokens if given;
+                         new token 1 = argmax of the last row), then decode step n feeds new token n alone and
+                         new token n + 1 = argmax of its logits. With ``commit_last`` the step for the last token
+                         runs too (the cache ends with all P + N tokens; its logits are ``final_logits``).
+                         ``cache`` (a FlatCache whose sequence ``seq`` is empty) is used if given, otherwise one is
+                         made with ``backend`` and ``dtype`` ("float32" or "float16") and ``config.max_tokens``.
+        backend and dtype do not affect the no-cache path. The counts follow :func:`token_computations` and
+        :func:`attention_dot_products` exactly.
+        """
+        prompt = self._check_tokens(prompt)
+        check_positive_int("new_tokens", new_tokens)
+        if prefill_chunk is not None:
+            check_positive_int("prefill_chunk", prefill_chunk)
+        work = Work()
+        generated, logits_rows = [], []
+        final_logits = None
+        if not use_cache:
+            cache = None
+            for _ in range(new_tokens):
+                logits = self.forward_full(np.concatenate([prompt, np.asarray(generated, np.int64)]), work)
+                logits_rows.append(logits[-1])
+                generated.append(int(np.argmax(logits[-1])))
+        else:
+            if cache is None:
+                cache = self.new_cache(backend=backend, dtype=dtype)
+            elif cache.get_seq_length(seq) != 0:
+                raise ShapeError("cache", f"an empty sequence {seq}", f"{cache.get_seq_length(seq)} tokens stored")
+            chunk = prompt.size if prefill_chunk is None else prefill_chunk
+            for start in range(0, prompt.size, chunk):
+                logits = self.forward_cached(prompt[start:start + chunk], cache, seq, work)
+            while True:
+                logits_rows.append(logits[-1])
+                generated.append(int(np.argmax(logits[-1])))
+                if len(generated) == new_tokens and not commit_last:
+                    break
+                logits = self.forward_cached(generated[-1:], cache, seq, work)
+                if len(generated) == new_tokens:
+                    final_logits = logits[-1]
+                    break
+        return GenerationResult(
+            prompt=prompt, tokens=np.asarray(generated, np.int64), logits=np.stack(logits_rows),
+            use_cache=bool(use_cache), step_tokens=work.step_tokens, step_dot_products=work.step_dot_products,
+            final_logits=final_logits, cache=cache)
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`ToyModel.generate` returns.
+
+    prompt:             (P,) int64 the prompt
+    tokens:             (N,) int64 the new tokens
+    logits:             (N, vocab) float32; tokens[n] = argmax(logits[n])
+    use_cache:          which path produced them
+    step_tokens:        token-computations of each forward call (prefill chunks, then decode steps; or the N full
+                        passes without a cache)
+    step_dot_products:  query-key dot products of each forward call (all layers and query heads)
+    final_logits:       (vocab,) logits after the last new token (the commit step), or None
+    cache:              the FlatCache used (holding P + N tokens after a commit), or None
+    """
+
+    prompt: np.ndarray
+    tokens: np.ndarray
+    logits: np.ndarray
+    use_cache: bool
+    step_tokens: list
+    step_dot_products: list
+    final_logits: np.ndarray = None
+    cache: FlatCache = None
+
+    @property
+    def sequence(self):
+        """Prompt followed by the new tokens, (P + N,) int64."""
+        return np.concatenate([self.prompt, self.tokens])
+
+    @property
+    def token_computations(self):
+        """Total token-computations recorded: sum(step_tokens); equals :func:`token_computations`."""
+        return int(sum(self.step_tokens))
+
+    @property
+    def dot_products(self):
+        """Total dot products recorded: sum(step_dot_products); equals :func:`attention_dot_products`."""
+        return int(sum(self.step_dot_products))
+
+
+def generate(model, prompt, new_tokens, use_cache=True, backend="cpu", dtype="float32", **options):
+    """Module-level shorthand for ``model.generate(prompt, new_tokens, use_cache, backend, dtype, **options)``."""
+    if not isinstance(model, ToyModel):
+        raise DTypeError("model", "a kvref.toy.ToyModel", type(model).__name__)
+    return model.generate(prompt, new_tokens, use_cache=use_cache, backend=backend, dtype=dtype, **options)
+
+
+__all__ = [
+    "GenerationResult", "ToyConfig", "ToyModel", "Work", "apply_rope", "attention_dot_products", "causal_attention",
+    "causal_mask", "generate", "rms_norm", "rope_angles", "silu", "token_computations",
+]
