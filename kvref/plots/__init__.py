@@ -303,12 +303,15 @@ def generation_counts(prompt_len=50, new_tokens=100, backend="cpu", seed=0):
             **totals}
 
 
-def measure_decode_times(contexts=(16, 32, 64, 128, 256, 512), reps=3, backend="cpu", threads=1, seed=0):
+def measure_decode_times(contexts=(16, 32, 64, 128, 256, 512), reps=3, backend="cpu", threads=1, seed=0,
+                         max_seconds=1.0):
     """Wall time of one decode step of the toy model at each context length, cached vs full recompute.
 
     For context n: the cached step feeds token n to a cache already holding n tokens (``forward_cached``; the cache
-    is cropped back to n between repetitions); the recompute step runs ``forward_full`` over all n + 1 tokens. The
-    minimum over ``reps`` is kept. ``threads`` sets Numba's thread count while measuring (restored afterwards):
+    is cropped back to n between repetitions); the recompute step runs ``forward_full`` over all n + 1 tokens.
+    The minimum over ``reps`` rounds is kept; a round visits every context once, so a burst of load from elsewhere
+    hits one round rather than every repeat of one point, and a context whose recompute has already taken
+    ``max_seconds`` is not repeated. ``threads`` sets Numba's thread count while measuring (restored afterwards):
     the toy's attention is far too small to gain from threads, and on a busy machine the pool only adds waiting.
     Returns a dict of lists (seconds) and the settings.
     """
@@ -320,33 +323,32 @@ def measure_decode_times(contexts=(16, 32, 64, 128, 256, 512), reps=3, backend="
     config = ToyConfig(max_tokens=max(contexts) + 1)
     model = ToyModel(config)
     tokens = np.random.default_rng(seed).integers(0, config.vocab, max(contexts) + 1)
-    cache = model.new_cache(backend=backend)
+    caches = [model.new_cache(backend=backend, max_tokens=n + 1) for n in contexts]
     old_threads = numba.get_num_threads()
     if threads:
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    cached, recompute = [], []
+    cached = [np.inf] * len(contexts)
+    recompute = [np.inf] * len(contexts)
+    spent = [0.0] * len(contexts)
     try:
-        model.forward_cached(tokens[:2], cache)  # compile outside the timed region
-        for n in contexts:
-            cache.reset()
-            model.forward_cached(tokens[:n], cache)
-            best = np.inf
-            for _ in range(reps):
+        for n, cache in zip(contexts, caches):
+            model.forward_cached(tokens[:n], cache)  # prefill (and compile) outside the timed region
+        for _ in range(reps):
+            for i, (n, cache) in enumerate(zip(contexts, caches)):
                 start = time.perf_counter()
                 model.forward_cached(tokens[n:n + 1], cache)
-                best = min(best, time.perf_counter() - start)
+                cached[i] = min(cached[i], time.perf_counter() - start)
                 cache.crop(n)
-            cached.append(best)
-            best = np.inf
-            for _ in range(reps):
-                start = time.perf_counter()
-                model.forward_full(tokens[:n + 1])
-                best = min(best, time.perf_counter() - start)
-            recompute.append(best)
+                if spent[i] <= max_seconds:
+                    start = time.perf_counter()
+                    model.forward_full(tokens[:n + 1])
+                    elapsed = time.perf_counter() - start
+                    recompute[i] = min(recompute[i], elapsed)
+                    spent[i] += elapsed
     finally:
         numba.set_num_threads(old_threads)
     return {"contexts": contexts, "cached_s": cached, "recompute_s": recompute, "backend": backend,
-            "threads": numba.get_num_threads() if not threads else threads, "reps": reps, "config": config}
+            "threads": threads or old_threads, "reps": reps, "config": config}
 
 
 def cost_figure(counts=None, timings=None, prompt_len=50, new_tokens=100):
@@ -403,11 +405,9 @@ def cost_figure(counts=None, timings=None, prompt_len=50, new_tokens=100):
     ax.plot(x_re, np.cumsum(recompute.step_dot_products) / per_dot, color=RECOMPUTE_COLOR, label="no cache: O(n³)")
     ax.plot(x_ca, np.cumsum(cached.step_dot_products) / per_dot, color=CACHED_COLOR,
             label="cache: O(n²), each causal pair once")
-    for total, color, va in ((counts["dots_recompute"], RECOMPUTE_COLOR, "bottom"),
-                             (counts["dots_cached"], CACHED_COLOR, "top")):
-        ax.annotate(f"{total // per_dot:,}", (N, total / per_dot), xytext=(-8, 8 if va == "bottom" else -8),
-                    textcoords="offset points", ha="right", va="top" if va == "bottom" else "bottom", color=color,
-                    fontweight="bold")
+    for total, color in ((counts["dots_recompute"], RECOMPUTE_COLOR), (counts["dots_cached"], CACHED_COLOR)):
+        ax.annotate(f"{total // per_dot:,}", (N, total / per_dot), xytext=(-4, -18), textcoords="offset points",
+                    ha="right", va="top", color=color, fontweight="bold")
     ax.set_yscale("log")
     ax.set_xlabel("new tokens generated")
     ax.set_ylabel("q·k dot products, cumulative (per layer & query head)")
@@ -470,8 +470,8 @@ def flat_timeline_events(max_tokens=16, backend="python", seed=0):
             if not (np.array_equal(before["kv"], after["kv"]) and np.array_equal(before["lengths"], after["lengths"])
                     and before["version"] == after["version"]):
                 raise AssertionError("a rejected append changed the cache") from None
-            events.append({"op": f"append {n} (rejected)", "kind": "rejected", "tokens": n, "length": cache.get_seq_length(),
-                           "seed001": before["lengths"][0] + n})
+            events.append({"op": f"append {n} (rejected)", "kind": "rejected", "tokens": n,
+                           "length": cache.get_seq_length(), "seed001": int(before["lengths"][0]) + n})
             return
         events.append({"op": "prefill" if n > 1 and before["lengths"][0] == 0 else f"append {n}", "kind": "append",
                        "tokens": n, "length": cache.get_seq_length(), "seed001": cache.get_seq_length()})
@@ -564,8 +564,10 @@ def layouts_figure(kv_heads=3, max_tokens=6, head_dim=4, read_head=1, read_token
     (tokens 0 .. read_tokens-1): one contiguous run in head-major, ``read_tokens`` strided pieces in token-major.
     """
     shape = CacheShape(layers=1, q_heads=kv_heads, kv_heads=kv_heads, head_dim=head_dim)
-    fig = Figure(figsize=(13, 6.2), layout="constrained")
-    grid = fig.add_gridspec(2, 2, height_ratios=[1.3, 1])
+    from matplotlib.patches import Rectangle
+
+    fig = Figure(figsize=(13, 5.6), layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=[2.2, 1])
     head_colors = ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94"]
     n_elems = kv_heads * max_tokens * head_dim
     for col, layout in enumerate(("head_major", "token_major")):
@@ -579,7 +581,7 @@ def layouts_figure(kv_heads=3, max_tokens=6, head_dim=4, read_head=1, read_token
                         color="white" if offsets[h, s] < n_elems * 0.6 else "black")
         ax.set_xticks(range(max_tokens), [f"t{s}" for s in range(max_tokens)])
         ax.set_yticks(range(kv_heads), [f"head {h}" for h in range(kv_heads)])
-        ax.set_xlabel("token slot")
+        ax.set_xlabel("token slot (number: element offset of dim 0 of that head and slot)")
         stride = head_dim if layout == "head_major" else kv_heads * head_dim
         formula = ("(head·max_tokens + slot)·head_dim + dim" if layout == "head_major"
                    else "(slot·kv_heads + head)·head_dim + dim")
@@ -591,37 +593,28 @@ def layouts_figure(kv_heads=3, max_tokens=6, head_dim=4, read_head=1, read_token
         for s in range(read_tokens):
             start = element_offset(shape, 1, max_tokens, 0, 0, 0, read_head, s, 0, layout) // shape.element_bytes
             read.update(range(start, start + head_dim))
-        owner = {}
         for h in range(kv_heads):
             for s in range(max_tokens):
-                for d in range(head_dim):
-                    owner[element_offset(shape, 1, max_tokens, 0, 0, 0, h, s, d, layout) // shape.element_bytes] = (h, s)
-        width = max_tokens * head_dim  # cells per row of the drawing
-        for addr in range(n_elems):
-            h, s = owner[addr]
-            r, c = divmod(addr, width)
-            ax.add_patch(_rect(c, -r, head_colors[h % len(head_colors)], addr in read))
-            if addr % head_dim == 0:
-                ax.text(c + head_dim / 2, -r + 0.5, f"h{h} t{s}", ha="center", va="center", fontsize=7)
+                start = element_offset(shape, 1, max_tokens, 0, 0, 0, h, s, 0, layout) // shape.element_bytes
+                ax.add_patch(Rectangle((start, 0), head_dim, 1, facecolor=head_colors[h % len(head_colors)],
+                                       edgecolor="white", lw=1.5))
+                ax.text(start + head_dim / 2, 0.5, f"h{h}\nt{s}", ha="center", va="center", fontsize=7, zorder=5)
+        for d in range(n_elems):
+            ax.plot([d, d], [0, 0.12], color="white", lw=0.5)
         runs = _runs(sorted(read))
-        ax.set_xlim(0, width)
-        ax.set_ylim(-(n_elems // width) + 1, 1)
-        ax.set_xticks([0, width], ["", ""])
-        ax.set_yticks([-r + 0.5 for r in range(n_elems // width)],
-                      [f"{r * width}..{(r + 1) * width - 1}" for r in range(n_elems // width)], fontsize=7)
-        ax.set_xlabel(f"memory, address order ({head_dim} elements per token and head)")
+        for first, last in runs:
+            ax.add_patch(Rectangle((first, 0), last - first + 1, 1, fill=False, edgecolor="black", lw=2.2, zorder=4))
+        ax.set_xlim(0, n_elems)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_yticks([])
+        ax.set_xticks(range(0, n_elems + 1, head_dim * kv_heads))
+        ax.set_xlabel(f"memory: element offset in address order ({head_dim} elements per head and token)")
         ax.set_title(f"reading head {read_head}, tokens 0..{read_tokens - 1} (outlined): "
-                     f"{len(runs)} contiguous run{'s' if len(runs) > 1 else ''}", fontsize=10)
+                     f"{len(runs)} contiguous run{'s' if len(runs) > 1 else ''} of "
+                     f"{(runs[0][1] - runs[0][0] + 1)} elements", fontsize=10)
     fig.suptitle(f"K block of one layer: {kv_heads} KV heads x {max_tokens} slots x head_dim {head_dim} "
                  "(kvref stores head-major; seed 001 was token-major)", fontsize=12)
     return fig
-
-
-def _rect(x, y, color, outlined):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x, y), 1, 1, facecolor=color, edgecolor="black" if outlined else "white",
-                     lw=1.6 if outlined else 0.5, zorder=3 if outlined else 2)
 
 
 def _runs(addrs):
