@@ -25,6 +25,7 @@ The functions marked ``@register_jitable`` are the spec. Called directly they ru
 calls them from CUDA kernels as device functions.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,7 +112,8 @@ class Step:
     """One planned forward step: ``T`` new tokens for each sequence in ``seq_ids``.
 
     positions[i, t] = length[seq_ids[i]] + t (absolute positions); slots[i, t] = where they are stored.
-    ``version`` ties the step to the cache state it was planned against.
+    ``version`` ties the step to the one cache, in the one state, it was planned against (versions are unique
+    across caches, so a Step from another cache is rejected too).
     """
 
     seq_ids: np.ndarray
@@ -123,6 +125,10 @@ class Step:
     def num_tokens(self):
         """T, new tokens per sequence in this step."""
         return self.positions.shape[1]
+
+
+#: every state change of every cache draws a new version, so a Step fits exactly one cache in one state
+_VERSIONS = itertools.count(1)
 
 
 class FlatCache:
@@ -158,7 +164,7 @@ class FlatCache:
         self._ops = backend_ops("flat", backend)
         self._kv = self._ops.zeros(buffer_dims(shape, self.batch, self.max_tokens), shape.storage_dtype)
         self._lengths = np.zeros(self.batch, np.int64)
-        self._version = 0
+        self._version = next(_VERSIONS)
 
     # --- reading the state ---------------------------------------------------------------------------------
     @property
@@ -255,7 +261,7 @@ class FlatCache:
         check_positive_int("num_tokens", num_tokens)
         ids = self._seq_ids(seq_ids)
         for s in ids.tolist():
-            if self._lengths[s] + num_tokens > self.max_tokens:
+            if int(self._lengths[s]) + int(num_tokens) > self.max_tokens:  # Python ints: no int64 wrap-around
                 raise CacheOverflowError(
                     "num_tokens", f"<= remaining capacity {self.max_tokens - self._lengths[s]} of sequence {s}",
                     num_tokens, detail="nothing was written")
@@ -313,7 +319,7 @@ class FlatCache:
         """Commit the step: ``length[seq] += T`` for its sequences. Call once, after every layer was written."""
         self._check_step(step)
         self._lengths[step.seq_ids] = step.positions[:, -1] + 1
-        self._version += 1
+        self._version = next(_VERSIONS)
 
     def append(self, k_new, v_new, seq_ids=None):
         """Write all layers of a step at once and advance: k_new, v_new are (layers, n_seq, T, kv_heads, head_dim).
@@ -341,7 +347,7 @@ class FlatCache:
         else:
             check_index("seq", seq, self.batch)
             self._lengths[seq] = 0
-        self._version += 1
+        self._version = next(_VERSIONS)
 
     def crop(self, max_length, seq=None):
         """Keep the first ``max_length`` tokens (Hugging Face semantics: a negative value drops that many).
@@ -362,4 +368,4 @@ class FlatCache:
             targets[s] = min(target, int(self._lengths[s]))
         for s, target in targets.items():
             self._lengths[s] = target
-        self._version += 1
+        self._version = next(_VERSIONS)

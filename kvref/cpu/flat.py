@@ -1,15 +1,20 @@
 """CPU twins of the flat cache's spec (``kvref/flat.py``): the same functions, compiled.
 
-``attend_tokens`` here is the parallel schedule: ``prange`` over every (sequence, token, KV head) triple, each
-running the spec's ``attend_one``. With one Numba thread it is the serial loop of the spec.
+``attend_tokens_parallel`` is a schedule: ``prange`` over every (sequence, token, KV head) triple, each running the
+spec's ``attend_one``. ``attend_tokens`` picks it only when there is enough work to share: waking Numba's thread
+pool costs more than a small decode step (about 100x more on a busy 2-core machine).
 """
 
+import numba
 import numpy as np
 from numba import prange
 
 from .. import flat
 from ..attention import TILE
 from . import ATTENTION_FASTMATH, compile_spec
+
+#: below this many (key row x KV head) reads a step runs on one thread
+PARALLEL_MIN_ROWS = 1 << 16
 
 write_tokens = compile_spec(flat.write_tokens)
 attend_tokens_serial = compile_spec(flat.attend_tokens, fastmath=ATTENTION_FASTMATH)
@@ -28,4 +33,13 @@ def _attend_tokens_parallel(kv, layer, seq_ids, positions, q, scale, out):
         flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, work, i, t, h)
 
 
-attend_tokens = compile_spec(_attend_tokens_parallel, fastmath=ATTENTION_FASTMATH, parallel=True)
+attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTION_FASTMATH, parallel=True)
+
+
+def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
+    """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
+    rows = (int(positions.sum()) + positions.size) * kv.shape[3]
+    if numba.get_num_threads() > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * kv.shape[3] > 1:
+        attend_tokens_parallel(kv, layer, seq_ids, positions, q, scale, out)
+    else:
+        attend_tokens_serial(kv, layer, seq_ids, positions, q, scale, out)

@@ -1,0 +1,296 @@
+"""One regression test per seed defect that applies to what kvref has now (flat cache, shapes, memory, attention).
+
+The seeds are in ../shared/seeds; their defects are listed in ../shared/seeds/README.md. Ring, two-tier, pooled and
+quantization defects belong to those variants' tests; seed 002's 9,950-token count belongs to the toy decoder's.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import kvref
+from kvref import memory, shapes
+from kvref.errors import CacheOverflowError
+from kvref.shapes import CacheShape
+
+import oracle
+
+
+def scale_of(shape):
+    return float(np.float32(1.0 / math.sqrt(shape.head_dim)))
+
+
+def state_equal(a, b):
+    return a.keys() == b.keys() and all(
+        (a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes())
+        if isinstance(a[k], np.ndarray) else a[k] == b[k] for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 000: every layer bound the buffer at offset 0; the cache was sized by query heads; element size unsure
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed000_layers_do_not_alias(backend, rng):
+    layers = 5
+    shape = CacheShape(layers=layers, q_heads=4, kv_heads=2, head_dim=8)
+    cache = kvref.FlatCache(shape, batch=2, max_tokens=6, backend=backend)
+    k = (rng.standard_normal((layers, 2, 4, 2, 8)) + np.arange(layers)[:, None, None, None, None]).astype(np.float32)
+    v = np.broadcast_to(np.arange(layers, dtype=np.float32)[:, None, None, None, None] + 1, k.shape).copy()
+    step = cache.plan(4)
+    for layer in range(layers):
+        cache.write(step, layer, k[layer], v[layer])
+    # attention of each layer sees that layer's V only: every V of layer l is l + 1
+    for layer in range(layers):
+        out = cache.attend(step, layer, rng.standard_normal((2, 4, 4, 8)).astype(np.float32))
+        np.testing.assert_allclose(out, layer + 1, rtol=1e-6)
+    cache.advance(step)
+    buf = cache.kv
+    raw = buf.reshape(-1).view(np.uint8)
+    half = shapes.layer_bytes(shape, 2, 6) // 2
+    for layer in range(layers):
+        for s in range(2):
+            assert np.array_equal(cache.keys(layer, s), np.transpose(k[layer, s], (1, 0, 2)))
+            assert np.array_equal(cache.values(layer, s), np.transpose(v[layer, s], (1, 0, 2)))
+        # the explicit byte offsets point at this layer's K and V
+        k_block = raw[shapes.k_offset(shape, 2, 6, layer):][:half].view(np.float32).reshape(2, 2, 6, 8)
+        v_block = raw[shapes.v_offset(shape, 2, 6, layer):][:half].view(np.float32).reshape(2, 2, 6, 8)
+        assert np.array_equal(k_block[:, :, :4], np.transpose(k[layer], (0, 2, 1, 3)))
+        assert np.array_equal(v_block[:, :, :4], np.transpose(v[layer], (0, 2, 1, 3)))
+    assert len({shapes.layer_offset(shape, 2, 6, layer) for layer in range(layers)}) == layers
+
+
+def test_seed000_cache_sized_by_kv_heads_not_query_heads():
+    """Phi-4 (microsoft/phi-4 config.json: 40 layers, 40 attention heads, 10 KV heads, hidden 5120 -> head_dim 128).
+    Seed 000 used HEADS = 40; the cache holds 10 KV heads, so its size was 4x too large."""
+    shape = kvref.preset("phi-4")  # fp16
+    tokens = 4096
+    right = 2 * 40 * 1 * 10 * tokens * 128 * 2
+    wrong = 2 * 40 * 1 * 40 * tokens * 128 * 2
+    assert memory.cache_bytes(shape, 1, tokens) == right
+    assert memory.wrong_heads_bytes(shape, 1, tokens) == wrong == 4 * right
+    small = kvref.FlatCache(shape, batch=1, max_tokens=4, backend="python")
+    assert small.nbytes == 2 * 40 * 10 * 4 * 128 * 2
+    assert small.kv.shape[3] == 10, "the storage has one row block per KV head"
+
+
+def test_seed000_element_size_is_explicit():
+    """Seed 000 was unsure whether an element is 2 or 4 bytes: it is 2 for fp16, 4 for fp32, and the storage agrees."""
+    for dtype, size in (("float16", 2), ("float32", 4)):
+        shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8, dtype=dtype)
+        cache = kvref.FlatCache(shape, batch=1, max_tokens=3, backend="python")
+        assert shape.element_bytes == size == cache.kv.itemsize
+        assert cache.nbytes == 2 * 2 * 2 * 3 * 8 * size
+        assert cache.stats()["element_bytes"] == size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 001: add-then-check overflow; O(capacity) reset; token-major layout
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed001_overflow_checked_before_any_change(backend, rng):
+    """Seed 001's example: max context 5, position 5, advance 1 -> overflow. After the error the cache must be
+    exactly as before (seed 001 had already moved its position to 6) and must keep working."""
+    shape = CacheShape(layers=2, q_heads=2, kv_heads=1, head_dim=8)
+    cache = kvref.FlatCache(shape, batch=2, max_tokens=5, backend=backend)
+    k = rng.standard_normal((2, 2, 5, 1, 8)).astype(np.float32)
+    cache.append(k, k, seq_ids=[0, 1])
+    cache.reset(seq=1)
+    cache.append(k[:, :1, :2], k[:, :1, :2], seq_ids=[1])
+    assert cache.lengths.tolist() == [5, 2]
+    before = cache.state()
+    for attempt in (lambda: cache.plan(1), lambda: cache.plan(1, [0]), lambda: cache.plan(4, [1]),
+                    lambda: cache.append(k[:, :, :1], k[:, :, :1])):
+        with pytest.raises(CacheOverflowError):
+            attempt()
+        assert state_equal(before, cache.state())
+        assert cache.get_seq_length(0) == 5 and cache.get_seq_length(1) == 2
+    # the cache still works: sequence 1 continues at position 2
+    step = cache.plan(3, [1])
+    assert step.positions.tolist() == [[2, 3, 4]]
+
+
+def test_seed001_reset_is_O1(backend, rng):
+    """reset() changes lengths only: it never touches the K/V buffer (made read-only here, so any write would raise),
+    and afterwards writes and attention see only the new tokens."""
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8)
+    cache = kvref.FlatCache(shape, batch=2, max_tokens=12, backend=backend)
+    old = rng.standard_normal((2, 2, 7, 2, 8)).astype(np.float32) * 100
+    cache.append(old, old)
+    kv_before = cache.kv.copy()
+    buffer = cache.kv
+    buffer.flags.writeable = False
+    try:
+        cache.reset()
+        cache.reset(seq=1)
+    finally:
+        buffer.flags.writeable = True
+    assert np.array_equal(cache.kv, kv_before), "reset did not zero (or touch) the buffer"
+    assert cache.lengths.tolist() == [0, 0]
+    # new tokens land at position 0 and attention sees only them, not the old (still stored) rows
+    new_k = rng.standard_normal((2, 2, 3, 2, 8)).astype(np.float32)
+    new_v = rng.standard_normal((2, 2, 3, 2, 8)).astype(np.float32)
+    step = cache.plan(3)
+    assert step.positions.tolist() == [[0, 1, 2], [0, 1, 2]]
+    for layer in range(2):
+        cache.write(step, layer, new_k[layer], new_v[layer])
+        q = rng.standard_normal((2, 3, 4, 8)).astype(np.float32)
+        out = cache.attend(step, layer, q)
+        for s in range(2):
+            keys = np.transpose(new_k[layer, s], (1, 0, 2))
+            values = np.transpose(new_v[layer, s], (1, 0, 2))
+            expected = oracle.causal_chunk_attention(q[s], keys, values, [0, 1, 2], scale_of(shape))
+            np.testing.assert_allclose(out[s], expected, rtol=0, atol=1e-5)
+    cache.advance(step)
+    assert np.array_equal(cache.keys(1, 0), np.transpose(new_k[1, 0], (1, 0, 2)))
+
+
+def test_seed001_token_major_vs_head_major_offsets():
+    """Both layouts' element offsets equal NumPy's strides; reading one head's n tokens is contiguous head-major
+    (step head_dim elements) and strided token-major (step kv_heads * head_dim elements, seed 001's layout)."""
+    shape = CacheShape(layers=2, q_heads=8, kv_heads=4, head_dim=16, dtype="float16")
+    batch, max_tokens = 2, 10
+    e = shape.element_bytes
+    steps = {"head_major": shape.head_dim * e, "token_major": shape.kv_heads * shape.head_dim * e}
+    for layout, token_step in steps.items():
+        buf = np.zeros(shapes.buffer_dims(shape, batch, max_tokens, layout), shape.storage_dtype)
+        for idx in [(0, 0, 0, 0, 0, 0), (1, 1, 1, 3, 9, 15), (1, 0, 0, 2, 4, 7), (0, 1, 1, 1, 1, 1)]:
+            layer, kv, seq, head, slot, dim = idx
+            array_index = idx if layout == "head_major" else (layer, kv, seq, slot, head, dim)
+            assert shapes.element_offset(shape, batch, max_tokens, *idx, layout=layout) == \
+                int(np.dot(array_index, buf.strides))
+        a = shapes.element_offset(shape, batch, max_tokens, 1, 0, 1, 2, 3, 0, layout=layout)
+        b = shapes.element_offset(shape, batch, max_tokens, 1, 0, 1, 2, 4, 0, layout=layout)
+        assert b - a == token_step
+    cache = kvref.FlatCache(shape, batch=batch, max_tokens=max_tokens, backend="python")
+    assert cache.kv[1, 0, 1, 2, :7, :].flags.c_contiguous, "kvref stores head-major: one head's tokens are contiguous"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 002: prefill/decode with TP; its memory formula is right and kept
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed002_tp_memory_formula():
+    """2 * layers * batch * local_kv_heads * max_seq * head_dim * bytes; seed 002's example: 4 layers, batch 1,
+    1 local head (4 KV heads over 4 GPUs), 512 tokens, head_dim 64, fp32 = 1 MiB per GPU."""
+    assert 2 * 4 * 1 * 1 * 512 * 64 * 4 == 2**20
+    full = CacheShape(layers=4, q_heads=4, kv_heads=4, head_dim=64, dtype="float32")
+    assert memory.local_kv_heads(4, 4) == 1
+    assert memory.cache_bytes(full, 1, 512, tp_size=4) == memory.MIB
+    rank = CacheShape(layers=4, q_heads=1, kv_heads=1, head_dim=64, dtype="float32")
+    assert kvref.FlatCache(rank, batch=1, max_tokens=512, backend="python").nbytes == memory.MIB
+    assert memory.cache_bytes(full, 1, 512) == 4 * memory.MIB, "without TP one device holds all 4 heads"
+
+
+def test_seed002_prefill_then_decode_equals_recompute(backend, rng):
+    """Prefill a prompt as one causal chunk, then decode token by token: each cached step's output equals a full
+    recomputation of attention over the whole sequence so far (the float64 oracle, no cache)."""
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8)
+    prompt, new = 12, 6
+    cache = kvref.FlatCache(shape, batch=1, max_tokens=prompt + new, backend=backend)
+    total = prompt + new
+    k = rng.standard_normal((2, 1, total, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 1, total, 2, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 1, total, 4, 8)).astype(np.float32)
+    chunks = [(0, prompt)] + [(p, p + 1) for p in range(prompt, total)]
+    for start, stop in chunks:
+        step = cache.plan(stop - start)
+        for layer in range(2):
+            cache.write(step, layer, k[layer, :, start:stop], v[layer, :, start:stop])
+            out = cache.attend(step, layer, q[layer, :, start:stop])
+            for t, p in enumerate(range(start, stop)):
+                full_k = np.transpose(k[layer, 0, :p + 1], (1, 0, 2))
+                full_v = np.transpose(v[layer, 0, :p + 1], (1, 0, 2))
+                expected = oracle.decode_attention_gqa(q[layer, 0, p], full_k, full_v, scale_of(shape))
+                np.testing.assert_allclose(out[0, t], expected, rtol=0, atol=1e-5)
+        cache.advance(step)
+    assert cache.get_seq_length() == total and cache.is_full()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 003: memory formula with n_heads; the TinyLlama row; batch with per-sequence lengths
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed003_heads_formula_uses_kv_heads():
+    """Seed 003: 2 x n_layers x batch x max_seq x n_heads x head_dim x 4 with n_heads = attention heads. kvref's
+    formula uses KV heads: for every GQA preset the seed's number is q_heads / kv_heads times too large."""
+    for name in kvref.PRESETS:
+        shape = kvref.preset(name, "float32")
+        right = 2 * shape.layers * 3 * 1000 * shape.kv_heads * shape.head_dim * 4
+        assert memory.cache_bytes(shape, 3, 1000) == right
+        assert memory.wrong_heads_bytes(shape, 3, 1000) == right * shape.q_heads // shape.kv_heads
+    tiny = kvref.preset("tinyllama-1.1b", "float32")
+    assert memory.wrong_heads_bytes(tiny, 1, 2048) == 8 * memory.cache_bytes(tiny, 1, 2048)
+
+
+def test_seed003_tinyllama_row():
+    """TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json: 22 layers, 32 attention heads, 4 KV heads, hidden 2048
+    (head_dim 64). At fp32 and 2048 tokens: 2 * 22 * 4 * 2048 * 64 * 4 = 88 MiB exactly, not the seed's 144 MB
+    (which came from '12 layers, 12 heads')."""
+    shape = kvref.preset("tinyllama-1.1b", "float32")
+    assert (shape.layers, shape.q_heads, shape.kv_heads, shape.head_dim) == (22, 32, 4, 64)
+    size = memory.cache_bytes(shape, 1, 2048)
+    assert size == 2 * 22 * 4 * 2048 * 64 * 4 == 88 * memory.MIB == 92_274_688
+    assert size not in (144 * 10**6, 144 * memory.MIB)
+    seed_row = 2 * 12 * 1 * 2048 * 12 * 64 * 4  # the seed's own formula with its wrong row: 144 MiB
+    assert seed_row == 144 * memory.MIB and size != seed_row
+    # a real allocation agrees (a short context keeps it small): bytes scale linearly with tokens
+    cache = kvref.FlatCache(shape, batch=1, max_tokens=32, backend="python")
+    assert cache.nbytes * (2048 // 32) == size
+
+
+def test_seed003_batch_sequences_keep_their_own_lengths(backend, rng):
+    """A batch of sequences with different lengths: each sequence's attention sees only its own tokens (V of
+    sequence s is s + 1 everywhere, so its output must be exactly s + 1), and lengths advance independently."""
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8)
+    cache = kvref.FlatCache(shape, batch=3, max_tokens=16, backend=backend)
+    plan = [(5, [0, 1, 2]), (4, [1]), (2, [2, 0]), (1, [0, 1, 2]), (1, [2])]
+    for num_tokens, ids in plan:
+        step = cache.plan(num_tokens, ids)
+        for layer in range(2):
+            k = rng.standard_normal((len(ids), num_tokens, 2, 8)).astype(np.float32)
+            v = np.empty_like(k)
+            for i, s in enumerate(ids):
+                v[i] = s + 1
+            cache.write(step, layer, k, v)
+            out = cache.attend(step, layer, rng.standard_normal((len(ids), num_tokens, 4, 8)).astype(np.float32))
+            for i, s in enumerate(ids):
+                np.testing.assert_allclose(out[i], s + 1, rtol=1e-6)
+        cache.advance(step)
+    assert cache.lengths.tolist() == [8, 10, 9]
+    assert [cache.get_seq_length(s) for s in range(3)] == [8, 10, 9]
+    assert [cache.remaining_capacity(s) for s in range(3)] == [8, 6, 7]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 004 defects that apply to the flat cache's attention and stats
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed004_attention_is_per_head_with_gqa(backend, rng):
+    """Seed 004's attend() took one dot product over num_kv_heads * head_dim as if it were one head, with no GQA.
+    kvref's output equals the per-head GQA oracle and differs from that flattened computation."""
+    shape = CacheShape(layers=1, q_heads=4, kv_heads=2, head_dim=8)
+    cache = kvref.FlatCache(shape, batch=1, max_tokens=8, backend=backend)
+    k = rng.standard_normal((1, 1, 6, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 6, 2, 8)).astype(np.float32)
+    q = rng.standard_normal((1, 1, 4, 8)).astype(np.float32)
+    cache.append(k[:, :, :5], v[:, :, :5])
+    step = cache.plan(1)
+    cache.write(step, 0, k[0, :, 5:], v[0, :, 5:])
+    out = cache.attend(step, 0, q)[0, 0]
+    keys, values = np.transpose(k[0, 0], (1, 0, 2)), np.transpose(v[0, 0], (1, 0, 2))
+    expected = oracle.decode_attention_gqa(q[0, 0], keys, values, scale_of(shape))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    # the seed's computation: query heads 0..1 flattened against the KV heads flattened, one softmax for all
+    flat_q = q[0, 0, :2].reshape(-1)
+    flat_k = k[0, 0].reshape(6, -1)
+    flat_v = v[0, 0].reshape(6, -1)
+    wrong = oracle.attention(flat_q, flat_k, flat_v, 1 / math.sqrt(16)).reshape(2, 8)
+    assert not np.allclose(out[:2], wrong, atol=1e-3)
+
+
+def test_seed004_stats_count_fp16_as_two_bytes():
+    """Seed 004's stats() called its tail fp16 but counted 4 bytes per element."""
+    shape = CacheShape(layers=3, q_heads=4, kv_heads=2, head_dim=8, dtype="float16")
+    cache = kvref.FlatCache(shape, batch=2, max_tokens=5, backend="python")
+    cache.append(np.ones((3, 2, 2, 2, 8), np.float16), np.ones((3, 2, 2, 2, 8), np.float16))
+    stats = cache.stats()
+    assert stats["element_bytes"] == 2
+    assert stats["bytes_per_token"] == 2 * 3 * 2 * 8 * 2
+    assert stats["bytes_used"] == 4 * stats["bytes_per_token"]
+    assert stats["nbytes"] == cache.kv.nbytes == 2 * 5 * stats["bytes_per_token"]
