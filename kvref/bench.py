@@ -203,6 +203,7 @@ def bench_append(n_values, kv_heads=8, rng=None):
 # One thread count (runs in a subprocess) and the report
 # --------------------------------------------------------------------------------------------------------------
 def run_threads(threads, sizes, quick):
+    """All measurements for one thread count (bandwidth, attention, and append with 1 thread) as a JSON-able dict."""
     import numpy as np
 
     import numba
@@ -317,6 +318,7 @@ def _targets(r):
 
 
 def machine_info():
+    """Platform, Python, NumPy, core count and CPU model, for the report."""
     import numpy as np
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
@@ -333,6 +335,7 @@ def machine_info():
 
 
 def main(argv=None):
+    """Run the 1- and 2-thread benchmarks in subprocesses, print the report and write it to ``--out``."""
     parser = argparse.ArgumentParser(prog="python -m kvref.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n = 1k and 4k only (a smoke run)")
     parser.add_argument("--threads", type=int, default=0, help="(internal) run one thread count and print JSON")

@@ -479,17 +479,18 @@ class ToyModel:
             final_logits=final_logits, cache=cache)
 
 
-@dataclass
-class GenerationResult:
-    """What :meth:`ToyModel.generate` returns.
+@dataclass(kw_only=True)
+class GenerationResult(Work):
+    """What :meth:`ToyModel.generate` returns: the tokens, and the :class:`Work` its forward calls recorded.
 
     prompt:             (P,) int64 the prompt
     tokens:             (N,) int64 the new tokens
     logits:             (N, vocab) float32; tokens[n] = argmax(logits[n])
     use_cache:          which path produced them
     step_tokens:        token-computations of each forward call (prefill chunks, then decode steps; or the N full
-                        passes without a cache)
-    step_dot_products:  query-key dot products of each forward call (all layers and query heads)
+                        passes without a cache); their sum equals :func:`token_computations`
+    step_dot_products:  query-key dot products of each forward call (all layers and query heads); their sum equals
+                        :func:`attention_dot_products`
     final_logits:       (vocab,) logits after the last new token (the commit step), or None
     cache:              the FlatCache used (holding P + N tokens after a commit), or None
     """
@@ -498,8 +499,6 @@ class GenerationResult:
     tokens: np.ndarray
     logits: np.ndarray
     use_cache: bool
-    step_tokens: list
-    step_dot_products: list
     final_logits: np.ndarray = None
     cache: FlatCache = None
 
@@ -507,16 +506,6 @@ class GenerationResult:
     def sequence(self):
         """Prompt followed by the new tokens, (P + N,) int64."""
         return np.concatenate([self.prompt, self.tokens])
-
-    @property
-    def token_computations(self):
-        """Total token-computations recorded: sum(step_tokens); equals :func:`token_computations`."""
-        return int(sum(self.step_tokens))
-
-    @property
-    def dot_products(self):
-        """Total dot products recorded: sum(step_dot_products); equals :func:`attention_dot_products`."""
-        return int(sum(self.step_dot_products))
 
 
 def generate(model, prompt, new_tokens, use_cache=True, backend="cpu", dtype="float32", **options):

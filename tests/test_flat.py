@@ -702,3 +702,41 @@ def test_backends_report():
     assert report["python"][0] is True and report["cpu"][0] is True
     for available, reason in report.values():
         assert isinstance(available, bool) and isinstance(reason, str) and reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CPU backend's two schedules: serial (the spec's loop) and prange over (sequence, token, KV head)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cpu_parallel_schedule_matches_serial_and_oracle(rng, dtype):
+    import numba
+
+    from kvref.cpu import flat as cpu_flat
+
+    cache = make_cache("cpu", layers=1, q_heads=8, kv_heads=2, head_dim=32, dtype=dtype, batch=3, max_tokens=200)
+    k = rng.standard_normal((1, 3, 150, 2, 32)).astype(dtype)
+    v = rng.standard_normal((1, 3, 150, 2, 32)).astype(dtype)
+    cache.append(k, v)
+    step = cache.plan(3)
+    k_new = rng.standard_normal((3, 3, 2, 32)).astype(dtype)
+    v_new = rng.standard_normal((3, 3, 2, 32)).astype(dtype)
+    cache.write(step, 0, k_new, v_new)
+    q = rng.standard_normal((3, 3, 8, 32)).astype(np.float32)
+    scale = kvref.default_scale(32)
+    storage = cache._kv
+    serial = np.zeros_like(q)
+    parallel = np.zeros_like(q)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        cpu_flat.attend_tokens_serial(storage, 0, step.seq_ids, step.positions, q, scale, serial)
+        cpu_flat.attend_tokens_parallel(storage, 0, step.seq_ids, step.positions, q, scale, parallel)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_allclose(parallel, serial, rtol=0, atol=1e-6)
+    all_k = np.concatenate([k[0], k_new], axis=1).astype(np.float64)  # (batch, 153, kv_heads, D)
+    all_v = np.concatenate([v[0], v_new], axis=1).astype(np.float64)
+    for i in range(3):
+        expected = oracle.causal_chunk_attention(q[i], all_k[i].transpose(1, 0, 2), all_v[i].transpose(1, 0, 2),
+                                                 step.positions[i], scale)
+        np.testing.assert_allclose(parallel[i], expected, rtol=0, atol=ATOL)
