@@ -4,6 +4,7 @@ Runs in the CUDA simulator by default (see conftest.py). Every launch is tiny, b
 thread per CUDA thread: head_dim 32 (one warp per write block), 2 KV heads, at most 40 slots per sequence.
 """
 
+import re
 import subprocess
 import sys
 
@@ -204,7 +205,8 @@ def test_bad_input_raises_same_errors_and_changes_nothing(rng, dtype):
             before = cache.state()
             with pytest.raises(kind) as info:
                 call()
-            messages.append(str(info.value))
+            # version numbers are unique to each cache, so compare the messages with digits of versions masked
+            messages.append(re.sub(r"version \d+", "version N", str(info.value)))
             after = cache.state()
             if name != "stale step":  # that one advances the cache on purpose to make the step stale
                 assert after["version"] == before["version"], name
