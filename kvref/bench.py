@@ -302,7 +302,7 @@ def report(results, machine):
     return "\n".join(lines) + "\n", targets
 
 
-NOTES = """## Why the GQA and fp16 targets are missed (and what would close the gap)
+NOTES = """## Why targets are missed (and what would close the gap)
 
 kvref-cpu runs the spec's `attend_group` (kvref/attention.py) compiled by Numba, unchanged. Its loops load each K and V
 row once for all G query heads of the group, as the issue asks, but the G accumulators do not stay in registers:
@@ -320,6 +320,8 @@ row once for all G query heads of the group, as the issue asks, but the G accumu
   kernel with G and head_dim known at compile time, so that the G dot products of one K row run in G vector
   registers without per-pair reductions; in Numba that means specialising the compiled twin per (G, head_dim)
   (e.g. through literal dispatch), which must still call the spec rather than restate it. That is future work.
+- fp32 MHA is memory-bound and lands at the 90% line, a little above or below it from run to run (88-91% in the
+  runs of 2026-11-24); the 1-thread reference reading itself moved by up to 20% between the two readings of a run.
 - 2-thread figures: the second vCPU is shared, so its bandwidth reading moves by tens of percent between readings;
   a '% BW' above 100% means the reference reading was taken in a slow moment.
 

@@ -14,7 +14,7 @@ from ..attention import TILE
 from . import ATTENTION_FASTMATH, compile_spec
 
 #: below this many (key row x KV head) reads a step runs on one thread
-PARALLEL_MIN_ROWS = 1 << 16
+PARALLEL_MIN_ROWS = 1 << 12
 
 write_tokens = compile_spec(flat.write_tokens)
 attend_tokens_serial = compile_spec(flat.attend_tokens, fastmath=ATTENTION_FASTMATH)
