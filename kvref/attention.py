@@ -15,7 +15,8 @@ output ``acc``:
     acc' = c * acc + sum_tile exp(s_j - m') v_j
     o    = acc / l                              after the last tile
 
-No exp ever sees a positive argument, so nothing overflows, whatever the scores.
+No exp ever sees a positive argument, so nothing overflows for any finite scores (a NaN or infinite score
+makes the output NaN, as in the float64 definition).
 
 **GQA.** Query head ``qh`` reads KV head ``qh // G`` with ``G = q_heads // kv_heads``. The loops below take the G query
 heads of one KV head together, so each K and V row is loaded once and used G times: that is both the clearest
@@ -35,6 +36,8 @@ from .fp16 import widen
 
 #: keys per tile of the online softmax: small enough that a tile's scores and V rows stay in L1.
 TILE = 32
+#: columns of attend_group's scratch ``work``: one tile of scores, then the running max m and the running sum l
+WORK_COLUMNS = TILE + 2
 
 
 @register_jitable
@@ -67,7 +70,7 @@ def attend_group(q, keys, values, n_keys, scale, out, work):
     values:  (N, D) same dtype as keys
     scale:   float32, usually 1/sqrt(D)
     out:     (G, D) float32        receives the attention output; used as the accumulator ``acc``
-    work:    (G, TILE + 2) float32 scratch: one tile's scores, then m (column TILE) and l (column TILE + 1)
+    work:    (G, WORK_COLUMNS) float32 scratch: one tile's scores, then m (column TILE) and l (column TILE + 1)
     """
     G = q.shape[0]
     D = q.shape[1]

@@ -236,6 +236,7 @@ def run_threads(threads, sizes, quick):
     result["bandwidth"] = {"read_GBps": max(before["read_GBps"], after["read_GBps"]),
                            "copy_GBps": max(before["copy_GBps"], after["copy_GBps"]),
                            "read_readings": [before["read_GBps"], after["read_GBps"]]}
+    result["bandwidth_gib"] = 0.5 if quick else 1.0
     if threads == 1:
         result["append"] = bench_append([1024, 4096, 16384, 65536], rng=rng)
     return result
@@ -255,7 +256,8 @@ def report(results, machine):
              "## Machine", ""]
     for k, v in machine.items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "## Memory bandwidth (STREAM-like, 1 GiB float32 array)", "",
+    gib = results[0].get("bandwidth_gib", 1.0)
+    lines += ["", f"## Memory bandwidth (STREAM-like, {gib:g} GiB float32 array)", "",
               "Measured before and after the attention kernels; the higher reading is the reference.", "",
               "| threads | read GB/s (reference) | read readings | copy GB/s |", "|---|---|---|---|"]
     for r in results:
@@ -320,15 +322,17 @@ row once for all G query heads of the group, as the issue asks, but the G accumu
   kernel with G and head_dim known at compile time, so that the G dot products of one K row run in G vector
   registers without per-pair reductions; in Numba that means specialising the compiled twin per (G, head_dim)
   (e.g. through literal dispatch), which must still call the spec rather than restate it. That is future work.
-- fp32 MHA is memory-bound and lands at the 90% line, a little above or below it from run to run (88-91% in the
-  runs of 2026-11-24); the 1-thread reference reading itself moved by up to 20% between the two readings of a run.
-- 2-thread figures: the second vCPU is shared, so its bandwidth reading moves by tens of percent between readings;
-  a '% BW' above 100% means the reference reading was taken in a slow moment.
+- fp32 MHA is memory-bound and lands at the 90% line, a little above or below it from run to run; the 1-thread
+  reference reading itself can move by up to 20% between the two readings of one run.
+- 2-thread figures: the second vCPU is shared, so its bandwidth reading moves by tens of percent between readings,
+  and the simple STREAM-like read kernel can underestimate what two threads deliver: a '% BW' above 100% means
+  kvref's kernel read faster than the reference kernel did (the facts file saw 35 to 83 GB/s for 2 threads).
 
 ## GPU
 
-The CUDA kernels (kvref/cuda/) are tested in Numba's CUDA simulator and compiled to sm_90 PTX (tests/test_ptx.py with
-the `cu13` extra). No GPU was lent to the task that produced this file, so there are no GPU timings here.
+This benchmark times the CPU backend. The CUDA kernels (kvref/cuda/) are tested in Numba's CUDA simulator and
+compiled to sm_90 PTX (tests/test_ptx.py with the `cu13` extra); GPU timings are recorded here only once they have
+been run on a GPU, and none has been yet.
 """
 
 

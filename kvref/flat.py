@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import TILE, attend_group, default_scale
+from .attention import WORK_COLUMNS, attend_group, default_scale
 from .errors import CacheOverflowError, DTypeError, IndexOutOfRangeError, ShapeError, StaleStepError
 from .shapes import CacheShape, buffer_dims, check_index, check_positive_int
 
@@ -89,6 +89,13 @@ def attend_one(kv, layer, seq_ids, positions, q, scale, out, work, i, t, h):
 
 
 @register_jitable
+def work_item(item, n_tokens, kv_heads):
+    """Unflatten a work item: item = (i * T + t) * kv_heads + h  ->  (i, t, h). Parallel schedules number their
+    (step-sequence, token, KV head) triples this way."""
+    return item // (n_tokens * kv_heads), (item // kv_heads) % n_tokens, item % kv_heads
+
+
+@register_jitable
 def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
     """Decode attention (T = 1) or causal chunked prefill (T > 1) of one layer for every new token.
 
@@ -97,7 +104,7 @@ def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
     """
     n_seq, n_tokens, q_heads, head_dim = q.shape
     group = q_heads // kv.shape[3]
-    work = np.empty((group, TILE + 2), np.float32)
+    work = np.empty((group, WORK_COLUMNS), np.float32)
     for i in range(n_seq):
         for t in range(n_tokens):
             for h in range(kv.shape[3]):
@@ -169,8 +176,11 @@ class FlatCache:
     # --- reading the state ---------------------------------------------------------------------------------
     @property
     def kv(self):
-        """The storage array (layers, 2, batch, kv_heads, max_tokens, head_dim) as NumPy (a copy for CUDA)."""
-        return self._ops.to_host(self._kv)
+        """The storage array (layers, 2, batch, kv_heads, max_tokens, head_dim) as NumPy: a read-only view on the
+        host backends, a copy for CUDA. Only write() changes the cache."""
+        view = self._ops.to_host(self._kv).view()
+        view.setflags(write=False)
+        return view
 
     @property
     def lengths(self):
@@ -259,7 +269,7 @@ class FlatCache:
         Raises CacheOverflowError if any sequence would exceed ``max_tokens``; the cache is not changed either way.
         """
         check_positive_int("num_tokens", num_tokens)
-        ids = self._seq_ids(seq_ids)
+        ids = self._seq_ids(seq_ids).copy()
         for s in ids.tolist():
             if int(self._lengths[s]) + int(num_tokens) > self.max_tokens:  # Python ints: no int64 wrap-around
                 raise CacheOverflowError(
@@ -270,6 +280,8 @@ class FlatCache:
         for i in range(positions.shape[0]):
             for t in range(positions.shape[1]):
                 slots[i, t] = flat_slot(positions[i, t])
+        for array in (ids, positions, slots):
+            array.setflags(write=False)  # a Step is a record of the plan, not something to edit
         return Step(ids, positions, slots, self._version)
 
     def _check_step(self, step):
@@ -278,6 +290,9 @@ class FlatCache:
         if step.version != self._version:
             raise StaleStepError("step", f"a step planned at cache version {self._version}",
                                  f"version {step.version}", detail="the cache changed since plan(); plan again")
+        fresh = self.plan(step.num_tokens, step.seq_ids)  # re-validates the sequences and the capacity
+        if not (np.array_equal(fresh.positions, step.positions) and np.array_equal(fresh.slots, step.slots)):
+            raise StaleStepError("step", "the positions and slots that plan() returned", "edited arrays")
 
     def _check_array(self, name, a, dims, dtype):
         if not isinstance(a, np.ndarray) and not self._ops.is_device_array(a):
@@ -311,6 +326,8 @@ class FlatCache:
             out = np.empty(dims, np.float32)
         else:
             self._check_array("out", out, dims, np.float32)
+            if isinstance(out, np.ndarray) and isinstance(q, np.ndarray) and np.shares_memory(out, q):
+                raise ShapeError("out", "an array that does not overlap q", "an array sharing memory with q")
         scale = default_scale(self.shape.head_dim) if scale is None else np.float32(scale)
         self._ops.attend_tokens(self._kv, layer, step.seq_ids, step.positions, q, scale, out)
         return out
@@ -356,6 +373,7 @@ class FlatCache:
         """
         if isinstance(max_length, (bool, np.bool_)) or not isinstance(max_length, (int, np.integer)):
             raise ShapeError("max_length", "an integer", repr(max_length))
+        max_length = int(max_length)  # a Python int: NumPy's small integer types would overflow below
         seqs = range(self.batch) if seq is None else [seq]
         if seq is not None:
             check_index("seq", seq, self.batch)

@@ -150,3 +150,14 @@ def test_spec_exp_in_python_is_float32_exp():
         assert isinstance(got, np.float32)
         assert got == np.float32(math.exp(float(np.float32(v))))
     assert exp_f32(np.float32(-np.inf)) == 0.0
+
+
+def test_compiled_exp_propagates_nan():
+    """The spec's math.exp gives NaN for NaN; the compiled polynomial must too (under the attention fast-math)."""
+    for fastmath in (False, ATTENTION_FASTMATH):
+        kernel = _exp_kernel(fastmath)
+        out = np.empty(3, np.float32)
+        kernel(np.array([np.nan, -np.inf, -1.0], np.float32), out)
+        assert np.isnan(out[0])
+        assert out[1] == 0.0
+        assert abs(out[2] - np.float32(np.exp(-1.0))) < 1e-7

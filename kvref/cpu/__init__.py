@@ -18,7 +18,8 @@ import numba
 from . import fast_math  # noqa: F401  (registers the compiled forms of the primitives before anything compiles)
 
 #: LLVM fast-math flags for the attention loops: re-association lets dot products and sums use SIMD lanes.
-#: No 'nnan'/'ninf': the online softmax starts from -inf. Results differ from the spec only by rounding order.
+#: No 'nnan'/'ninf': the online softmax starts from -inf, and NaN scores must propagate. For finite inputs the
+#: results differ from the spec only by rounding order.
 ATTENTION_FASTMATH = frozenset({"reassoc", "contract", "nsz", "arcp"})
 
 

@@ -11,8 +11,8 @@ Numba resolves a call to a spec function through its overloads, preferring one r
 
       exp(x) = 2**n * exp(r),   n = round(x / ln 2),   r = x - n ln 2 in [-ln2/2, ln2/2]
 
-  Relative error <= 2e-7 against float64 exp for x in [-87, 0] (tested); x < -87 (including -inf) gives 0.
-  Attention only ever calls it with x <= 0.
+  Relative error <= 2e-7 against float64 exp for x in [-87, 0] (tested); x < -87 (including -inf) gives 0 and
+  NaN gives NaN. Attention only ever calls it with x <= 0 or NaN (a NaN or infinite score).
 """
 
 import numpy as np
@@ -76,6 +76,8 @@ def _exp_f32_cpu(x):
         r = np.float32(np.float64(clamped) - np.float64(n) * LN2)  # exact enough in float64, even under fast-math
         p = np.float32(1.0) + r * (np.float32(1.0) + r * (C2 + r * (C3 + r * (C4 + r * (C5 + r * (C6 + r * C7))))))
         scale = _int_bits_to_float(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+        if xf != xf:  # NaN stays NaN, as in the spec (a corrupt score must not vanish)
+            return xf
         return p * scale if xf >= LOWEST else np.float32(0.0)
 
     return impl

@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from .. import flat
-from ..attention import TILE
+from ..attention import WORK_COLUMNS
 from . import ATTENTION_FASTMATH, compile_spec
 
 #: below this many (key row x KV head) reads a step runs on one thread
@@ -26,10 +26,8 @@ def _attend_tokens_parallel(kv, layer, seq_ids, positions, q, scale, out):
     kv_heads = kv.shape[3]
     group = q.shape[2] // kv_heads
     for item in prange(n_seq * n_tokens * kv_heads):
-        i = item // (n_tokens * kv_heads)
-        t = (item // kv_heads) % n_tokens
-        h = item % kv_heads
-        work = np.empty((group, TILE + 2), np.float32)
+        i, t, h = flat.work_item(item, n_tokens, kv_heads)
+        work = np.empty((group, WORK_COLUMNS), np.float32)
         flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, work, i, t, h)
 
 

@@ -15,7 +15,7 @@ Thread mappings::
 
 The attend mapping is deliberately the simplest one that calls the spec unchanged: the spec's ``attend_tokens``
 allocates its scratch with ``np.empty``, which CUDA device code cannot do, so the launcher allocates a global-memory
-scratch array ``work`` of shape ``(n_items, G, TILE + 2)`` float32 and hands row ``work[item]`` to each thread.
+scratch array ``work`` of shape ``(n_items, G, WORK_COLUMNS)`` float32 and hands row ``work[item]`` to each thread.
 **Future work: the faster GPU schedule** is one thread block per (i, t, kv_head) group, with the threads of the block
 splitting the keys of a tile and combining the dot products through a shared-memory reduction (shared memory, not
 warp shuffles, which the simulator lacks), and the running max/sum of the online softmax held in shared memory. It
@@ -35,7 +35,7 @@ import numpy as np
 from numba import cuda
 
 from .. import flat
-from ..attention import TILE
+from ..attention import WORK_COLUMNS
 
 #: threads per block for the attend kernel (one thread per work item)
 ATTEND_THREADS = 64
@@ -63,9 +63,7 @@ def _attend_kernel_body(kv, layer, seq_ids, positions, q, scale, out, work):
     kv_heads = kv.shape[3]
     item = cuda.grid(1)
     if item < n_seq * n_tokens * kv_heads:
-        i = item // (n_tokens * kv_heads)
-        t = (item // kv_heads) % n_tokens
-        h = item % kv_heads
+        i, t, h = flat.work_item(item, n_tokens, kv_heads)
         flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, work[item], i, t, h)
 
 
@@ -127,7 +125,7 @@ def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
     kv_heads = kv.shape[3]
     group = q_heads // kv_heads
     n_items = n_seq * n_tokens * kv_heads
-    work = cuda.device_array((n_items, group, TILE + 2), np.float32)  # the scratch the spec gets from np.empty
+    work = cuda.device_array((n_items, group, WORK_COLUMNS), np.float32)  # the scratch the spec gets from np.empty
     d_out = out if _is_device_array(out) else cuda.device_array(out.shape, np.float32)
     threads = min(ATTEND_THREADS, n_items)
     blocks = math.ceil(n_items / threads)
