@@ -22,9 +22,25 @@ makes the output NaN, as in the float64 definition).
 heads of one KV head together, so each K and V row is loaded once and used G times: that is both the clearest
 statement of GQA and the order that is fast (decode attention is memory-bound; reading K G times is not).
 
-**Window rule** (one definition for every variant): key position j is visible from query position i iff
+**Window rule** (one definition for every variant, :func:`visible`): key position j is visible from query position i iff
 
-    i - W < j <= i            (W keys, the query's own key included; W <= 0 means no window)
+    i - W < j <= i            W keys, the query's own key included (W <= 0: no window, plain causal)
+
+and with S attention sinks (StreamingLLM) the first S positions stay visible as well:
+
+    j < S  or  i - (W - S) < j,   and  0 <= j <= i      still W keys at most: S sinks + the last W - S
+
+How this maps onto FlashAttention's ``window_size_left``, Hugging Face's, llama.cpp's and Mistral's windows is
+tabulated in ``kvref/ring.py``, the cache built on it.
+
+A segment of key rows enters the softmax in one of two ways, sharing the tile update :func:`softmax_tile`:
+
+* :func:`attend_rows`: rows 0 .. n-1 are all visible (the flat cache: positions 0 .. p in order);
+* :func:`attend_slots`: each row carries its own absolute position and takes part iff :func:`visible` says so. The
+  rows can be in any order (a ring's slots; -1 marks an empty slot). Order does not matter because the online
+  softmax is a sum, and the keys were rotated (RoPE) at their absolute positions before they were stored.
+
+Several segments can feed one softmax: :func:`softmax_start`, any number of segments, :func:`softmax_finish`.
 """
 
 import math
@@ -41,9 +57,19 @@ WORK_COLUMNS = TILE + 2
 
 
 @register_jitable
-def visible(i, j, window):
-    """True iff key position j is visible from query position i: ``i - W < j <= i`` (no window when W <= 0)."""
-    return j <= i and (window <= 0 or j > i - window)
+def visible(i, j, window, sinks=0):
+    """True iff key position j is visible from query position i: ``i - W < j <= i``.
+
+    window: W, the number of keys a query sees, itself included; W <= 0 means no window (every j <= i).
+    sinks:  S, the first S positions stay visible forever (attention sinks); the rest of the window is the last
+            W - S positions, so a query still sees at most W keys. Requires 0 <= S < W when W > 0.
+    j < 0 is never visible (an empty slot stores position -1).
+    """
+    if j < 0 or j > i:
+        return False
+    if window <= 0 or j < sinks:
+        return True
+    return j > i - (window - sinks)
 
 
 @register_jitable
@@ -62,8 +88,116 @@ def exp_f32(x):
 
 
 @register_jitable
+def softmax_start(out, work):
+    """Begin an online softmax for G query heads: m = -inf, l = 0, acc (``out``) = 0."""
+    for g in range(out.shape[0]):
+        work[g, TILE] = -np.inf  # running max m
+        work[g, TILE + 1] = 0.0  # running sum l
+        for d in range(out.shape[1]):
+            out[g, d] = 0.0
+
+
+@register_jitable
+def score_tile(q, k_tile, n, scale, work):
+    """Scores of a tile of n key rows for the G query heads: ``work[g, j] = scale * (q[g] . k_tile[j])``. Each K row
+    is read once and used for all G heads (GQA)."""
+    G = q.shape[0]
+    D = q.shape[1]
+    for j in range(n):
+        k_row = k_tile[j]
+        for g in range(G):
+            q_row = q[g]
+            s = np.float32(0.0)
+            for d in range(D):
+                s += q_row[d] * widen(k_row[d])
+            work[g, j] = s * scale
+
+
+@register_jitable
+def softmax_tile(v_tile, n, out, work):
+    """Fold one tile of n scores (``work[:, :n]``, -inf for a masked key) into the running softmax of G heads.
+
+    m' = max(m, max_j s_j);  c = exp(m - m');  l' = c l + sum_j exp(s_j - m');  acc' = c acc + sum_j exp(s_j - m') v_j
+    At least one score of the tile must be finite (callers skip fully masked tiles). As in fused attention kernels,
+    a masked row is multiplied by p = 0, so every stored value must be finite (a stored inf or NaN would poison the
+    output even while masked; NaN scores of visible keys propagate, as in the float64 definition).
+    """
+    M = TILE  # column of the running max m
+    L = TILE + 1  # column of the running sum l
+    G = out.shape[0]
+    D = out.shape[1]
+    for g in range(G):
+        m_old = work[g, M]
+        m_new = m_old
+        for j in range(n):
+            m_new = max(m_new, work[g, j])
+        c = exp_f32(m_old - m_new)
+        total = work[g, L] * c
+        for j in range(n):
+            p = exp_f32(work[g, j] - m_new)  # a masked key: exp(-inf) = 0
+            work[g, j] = p
+            total += p
+        work[g, M] = m_new
+        work[g, L] = total
+        for d in range(D):
+            out[g, d] *= c
+    # acc += p_j * v_j: each V row is read once for all G query heads; a row with p = 0 adds nothing (and a masked
+    # row may hold anything, even inf, so it is skipped rather than multiplied by 0)
+    for j in range(n):
+        v_row = v_tile[j]
+        for g in range(G):
+            p = work[g, j]
+            acc_row = out[g]
+            for d in range(D):
+                acc_row[d] += p * widen(v_row[d])
+
+
+@register_jitable
+def attend_rows(q, keys, values, n_keys, scale, out, work):
+    """Fold key/value rows 0 .. n_keys-1, all visible, into the running softmax (a tile of TILE rows at a time)."""
+    for start in range(0, n_keys, TILE):
+        n = min(TILE, n_keys - start)
+        score_tile(q, keys[start:start + n], n, scale, work)
+        softmax_tile(values[start:start + n], n, out, work)
+
+
+@register_jitable
+def attend_slots(q, keys, values, key_positions, query_position, window, sinks, scale, out, work):
+    """Fold the rows of ``keys``/``values`` whose stored position is visible from ``query_position`` (any row order).
+
+    key_positions: (N,) int64, the absolute position held by each row (-1: empty). Row r takes part iff
+    ``visible(query_position, key_positions[r], window, sinks)``; the others get score -inf, and a tile with no
+    visible row is skipped.
+    """
+    n_rows = keys.shape[0]
+    for start in range(0, n_rows, TILE):
+        n = min(TILE, n_rows - start)
+        any_visible = False
+        for j in range(n):
+            any_visible = any_visible or visible(query_position, key_positions[start + j], window, sinks)
+        if not any_visible:
+            continue
+        score_tile(q, keys[start:start + n], n, scale, work)
+        for j in range(n):
+            if not visible(query_position, key_positions[start + j], window, sinks):
+                for g in range(q.shape[0]):
+                    work[g, j] = -np.inf  # masked: whatever the slot holds, its weight is exp(-inf) = 0
+        softmax_tile(values[start:start + n], n, out, work)
+
+
+@register_jitable
+def softmax_finish(out, work):
+    """End the online softmax: ``out = acc / l`` (zeros when no key was visible)."""
+    for g in range(out.shape[0]):
+        total = work[g, TILE + 1]
+        inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
+        for d in range(out.shape[1]):
+            out[g, d] *= inv
+
+
+@register_jitable
 def attend_group(q, keys, values, n_keys, scale, out, work):
-    """Attention of the G query heads of one KV head over ``n_keys`` visible key/value rows.
+    """Attention of the G query heads of one KV head over ``n_keys`` visible key/value rows (rows 0 .. n_keys-1).
 
     q:       (G, D) float32        the G query heads that share this KV head
     keys:    (N, D) float32|uint16  rows 0 .. n_keys-1 are visible (uint16 = fp16 bit patterns)
@@ -72,58 +206,9 @@ def attend_group(q, keys, values, n_keys, scale, out, work):
     out:     (G, D) float32        receives the attention output; used as the accumulator ``acc``
     work:    (G, WORK_COLUMNS) float32 scratch: one tile's scores, then m (column TILE) and l (column TILE + 1)
     """
-    G = q.shape[0]
-    D = q.shape[1]
-    # Rows are taken as 1-D views (k_row, q_row, acc_row): Numba then vectorises the d loops without index checks.
-    M = TILE  # column of the running max m
-    L = TILE + 1  # column of the running sum l
-    for g in range(G):
-        work[g, M] = -np.inf
-        work[g, L] = 0.0
-        for d in range(D):
-            out[g, d] = 0.0
-    for start in range(0, n_keys, TILE):
-        n = min(TILE, n_keys - start)
-        k_tile = keys[start:start + n]  # (n, D)
-        v_tile = values[start:start + n]  # (n, D)
-        # 1. scores of the tile: each K row is read once for all G query heads
-        for j in range(n):
-            k_row = k_tile[j]
-            for g in range(G):
-                q_row = q[g]
-                s = np.float32(0.0)
-                for d in range(D):
-                    s += q_row[d] * widen(k_row[d])
-                work[g, j] = s * scale
-        # 2. online softmax: new max, rescale what was summed, probabilities of the tile
-        for g in range(G):
-            m_old = work[g, M]
-            m_new = m_old
-            for j in range(n):
-                m_new = max(m_new, work[g, j])
-            c = exp_f32(m_old - m_new)
-            total = work[g, L] * c
-            for j in range(n):
-                p = exp_f32(work[g, j] - m_new)
-                work[g, j] = p
-                total += p
-            work[g, M] = m_new
-            work[g, L] = total
-            for d in range(D):
-                out[g, d] *= c
-        # 3. acc += p_j * v_j: each V row is read once for all G query heads
-        for j in range(n):
-            v_row = v_tile[j]
-            for g in range(G):
-                p = work[g, j]
-                acc_row = out[g]
-                for d in range(D):
-                    acc_row[d] += p * widen(v_row[d])
-    for g in range(G):
-        total = work[g, L]
-        inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
-        for d in range(D):
-            out[g, d] *= inv
+    softmax_start(out, work)
+    attend_rows(q, keys, values, n_keys, scale, out, work)
+    softmax_finish(out, work)
 
 
 def default_scale(head_dim):

@@ -164,14 +164,15 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 
 
 def test_window_rule_matches_its_definition():
-    """visible(i, j, W) iff i - W < j <= i (W <= 0: no window); first_visible(i, W) is the smallest such j."""
+    """visible(i, j, W) iff i - W < j <= i (W <= 0: no window; j < 0, an empty slot, never); first_visible(i, W) is
+    the smallest such j."""
     for window in (-1, 0, 1, 2, 5):
         for i in range(12):
             seen = []
             for j in range(-2, 14):
-                expected = j <= i and (window <= 0 or i - window < j)
+                expected = 0 <= j <= i and (window <= 0 or i - window < j)
                 assert bool(kvref.visible(i, j, window)) == expected, (i, j, window)
-                if expected and j >= 0:
+                if expected:
                     seen.append(j)
             assert kvattention.first_visible(i, window) == seen[0]
             if window > 0:
