@@ -166,22 +166,26 @@ def attend_slots(q, keys, values, key_positions, query_position, window, sinks, 
     """Fold the rows of ``keys``/``values`` whose stored position is visible from ``query_position`` (any row order).
 
     key_positions: (N,) int64, the absolute position held by each row (-1: empty). Row r takes part iff
-    ``visible(query_position, key_positions[r], window, sinks)``; the others get score -inf, and a tile with no
-    visible row is skipped.
+    ``visible(query_position, key_positions[r], window, sinks)``; the others get score -inf. A tile is cut after
+    its last visible row, so rows 0 .. p of an unwrapped ring go through exactly the tiles :func:`attend_rows` uses
+    for the flat cache (the same arithmetic, hence bit-identical results).
     """
     n_rows = keys.shape[0]
     for start in range(0, n_rows, TILE):
-        n = min(TILE, n_rows - start)
-        any_visible = False
-        for j in range(n):
-            any_visible = any_visible or visible(query_position, key_positions[start + j], window, sinks)
-        if not any_visible:
+        n = 0  # the tile is used up to its last visible row (a fully masked tile is skipped)
+        n_visible = 0
+        for j in range(min(TILE, n_rows - start)):
+            if visible(query_position, key_positions[start + j], window, sinks):
+                n = j + 1
+                n_visible += 1
+        if n == 0:
             continue
         score_tile(q, keys[start:start + n], n, scale, work)
-        for j in range(n):
-            if not visible(query_position, key_positions[start + j], window, sinks):
-                for g in range(q.shape[0]):
-                    work[g, j] = -np.inf  # masked: whatever the slot holds, its weight is exp(-inf) = 0
+        if n_visible < n:  # some rows before the last visible one are masked
+            for j in range(n):
+                if not visible(query_position, key_positions[start + j], window, sinks):
+                    for g in range(q.shape[0]):
+                        work[g, j] = -np.inf  # masked: whatever the slot holds, its weight is exp(-inf) = 0
         softmax_tile(values[start:start + n], n, out, work)
 
 

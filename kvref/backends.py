@@ -70,6 +70,16 @@ class HostOps:
         return a
 
     @staticmethod
+    def from_host(a):
+        """The backend's array for host array a (the array itself here)."""
+        return a
+
+    @staticmethod
+    def copy(a):
+        """A private copy of a (C-contiguous)."""
+        return np.array(a, order="C")
+
+    @staticmethod
     def is_device_array(a):
         return False
 
