@@ -14,7 +14,9 @@ from .attention import default_scale, visible
 from .backends import backends
 from .errors import (BackendUnavailableError, CacheOverflowError, DTypeError, IndexOutOfRangeError, KVCacheError,
                      ShapeError, StaleStepError)
-from .flat import FlatCache, Step
+from .cache import Step
+from .flat import FlatCache
+from .ring import RingCache
 from .shapes import PRESETS, CacheShape, preset
 
 __version__ = "0.1.0"
@@ -22,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "CacheOverflowError", "CacheShape", "DTypeError", "FlatCache", "IndexOutOfRangeError",
     "KVCacheError", "PRESETS", "ShapeError", "StaleStepError", "Step", "backends", "default_scale", "memory",
-    "preset", "shapes", "toy", "visible",
+    "RingCache", "preset", "shapes", "toy", "visible",
 ]

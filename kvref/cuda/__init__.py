@@ -31,3 +31,96 @@ if getattr(cuda, "implementation", None) != "NVIDIA":
         "kvref.cuda needs numba.cuda from the numba-cuda package (cuda.implementation == 'NVIDIA'); found "
         f"{getattr(cuda, 'implementation', 'unknown')!r}, numba's deprecated built-in CUDA target. "
         "Install it with: pip install 'numba-cuda<0.31' (or 'kvref[cu13]' for a CUDA 13 toolchain)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device-array plumbing shared by every variant's launchers
+# ---------------------------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ..attention import WORK_COLUMNS  # noqa: E402
+
+#: threads per block for the attend kernels (one thread per work item)
+ATTEND_THREADS = 64
+#: the most threads a CUDA block may have; wider heads make each write thread stride over head_dim
+MAX_BLOCK_THREADS = 1024
+
+
+def attend_launch(n_items, group):
+    """Launch shape and scratch of an attend kernel with one thread per work item (i, t, kv_head):
+    ``(blocks, threads, work)``, work = (n_items, G, WORK_COLUMNS) float32, the scratch the spec gets from np.empty."""
+    work = cuda.device_array((n_items, group, WORK_COLUMNS), np.float32)
+    threads = min(ATTEND_THREADS, n_items)
+    return math.ceil(n_items / threads), threads, work
+
+
+def is_device_array(a):
+    """True for numba device arrays, real and simulated."""
+    return bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def on_device(a):
+    """A device array as is; a host array copied to the device (C-contiguous)."""
+    return a if is_device_array(a) else cuda.to_device(np.ascontiguousarray(a))
+
+
+def result_array(out):
+    """The device array a kernel writes its result into: ``out`` itself if it is on the device, else a new one."""
+    return out if is_device_array(out) else cuda.device_array(out.shape, np.float32)
+
+
+def copy_result(d_out, out):
+    """Bring a kernel's result back into a host ``out`` (no-op when ``out`` is the device array itself)."""
+    if d_out is out:
+        return
+    if out.flags.c_contiguous:
+        d_out.copy_to_host(out)
+    else:
+        out[...] = d_out.copy_to_host()
+
+
+class CudaOps:
+    """Operations for the cuda backend (the interface of :class:`kvref.backends.HostOps`): the cache's storage lives
+    in device arrays; inputs may be host or device arrays. ``write_tokens`` / ``attend_tokens`` are the variant's
+    launchers."""
+
+    def __init__(self, write_tokens, attend_tokens):
+        self.write_tokens = write_tokens
+        self.attend_tokens = attend_tokens
+
+    @staticmethod
+    def zeros(dims, dtype):
+        """A zero-filled device array."""
+        return cuda.to_device(np.zeros(dims, dtype))
+
+    @staticmethod
+    def to_host(a):
+        """A NumPy copy of a device array; NumPy arrays pass through."""
+        return a.copy_to_host() if is_device_array(a) else a
+
+    @staticmethod
+    def from_host(a):
+        """A device copy of host array a."""
+        return cuda.to_device(np.ascontiguousarray(a))
+
+    @staticmethod
+    def copy(a):
+        """A private device copy of a (host or device array)."""
+        if is_device_array(a):
+            c = cuda.device_array(a.shape, a.dtype)
+            c.copy_to_device(a)
+            return c
+        return cuda.to_device(np.ascontiguousarray(a))
+
+    @staticmethod
+    def is_device_array(a):
+        return is_device_array(a)
+
+    @staticmethod
+    def as_storage(a, storage_dtype):
+        """float16 arrays (host or device) become their uint16 bit patterns (zero-copy); others pass through."""
+        if is_device_array(a):
+            return a.view(storage_dtype)
+        return np.ascontiguousarray(a).view(storage_dtype)

@@ -29,18 +29,12 @@ Kernel bodies are plain Python functions (``_write_kernel_body``, ``_attend_kern
 compile each one to PTX for sm_90 without a GPU (``cuda.compile_ptx(body, sig, cc=(9, 0))``).
 """
 
-import math
-
 import numpy as np
 from numba import cuda
 
 from .. import flat
-from ..attention import WORK_COLUMNS
+from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, on_device, result_array
 
-#: threads per block for the attend kernel (one thread per work item)
-ATTEND_THREADS = 64
-#: the most threads a CUDA block may have; wider heads make each write thread stride over head_dim
-MAX_BLOCK_THREADS = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,15 +90,6 @@ KERNELS = {
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers and the operations object a cache calls (the interface of kvref.backends.HostOps)
 # ---------------------------------------------------------------------------------------------------------------
-def _is_device_array(a):
-    return bool(getattr(a, "__cuda_ndarray__", False))  # numba device arrays, real and simulated
-
-
-def _on_device(a):
-    """A device array as is; a host array copied to the device (C-contiguous)."""
-    return a if _is_device_array(a) else cuda.to_device(np.ascontiguousarray(a))
-
-
 def write_tokens(kv, layer, seq_ids, slots, k_new, v_new):
     """Scatter the new K/V of one layer into their slots (spec: ``kvref.flat.write_tokens``); ``kv`` is on the device.
 
@@ -113,7 +98,7 @@ def write_tokens(kv, layer, seq_ids, slots, k_new, v_new):
     n_seq, n_tokens, kv_heads, head_dim = k_new.shape
     threads = min(head_dim, MAX_BLOCK_THREADS)
     _write_kernel[(n_seq * n_tokens, kv_heads), threads](
-        kv, int(layer), _on_device(seq_ids), _on_device(slots), _on_device(k_new), _on_device(v_new))
+        kv, int(layer), on_device(seq_ids), on_device(slots), on_device(k_new), on_device(v_new))
 
 
 def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
@@ -124,47 +109,12 @@ def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
     n_seq, n_tokens, q_heads, head_dim = q.shape
     kv_heads = kv.shape[3]
     group = q_heads // kv_heads
-    n_items = n_seq * n_tokens * kv_heads
-    work = cuda.device_array((n_items, group, WORK_COLUMNS), np.float32)  # the scratch the spec gets from np.empty
-    d_out = out if _is_device_array(out) else cuda.device_array(out.shape, np.float32)
-    threads = min(ATTEND_THREADS, n_items)
-    blocks = math.ceil(n_items / threads)
-    _attend_kernel[blocks, threads](kv, int(layer), _on_device(seq_ids), _on_device(positions), _on_device(q),
+    blocks, threads, work = attend_launch(n_seq * n_tokens * kv_heads, group)
+    d_out = result_array(out)
+    _attend_kernel[blocks, threads](kv, int(layer), on_device(seq_ids), on_device(positions), on_device(q),
                                     np.float32(scale), d_out, work)
-    if d_out is not out:
-        if out.flags.c_contiguous:
-            d_out.copy_to_host(out)
-        else:
-            out[...] = d_out.copy_to_host()
+    copy_result(d_out, out)
     return out
 
 
-class CudaOps:
-    """Operations for the cuda backend: the cache's storage is a device array; inputs may be host or device arrays."""
-
-    write_tokens = staticmethod(write_tokens)
-    attend_tokens = staticmethod(attend_tokens)
-
-    @staticmethod
-    def zeros(dims, dtype):
-        """A zero-filled device array."""
-        return cuda.to_device(np.zeros(dims, dtype))
-
-    @staticmethod
-    def to_host(a):
-        """A NumPy copy of a device array; NumPy arrays pass through."""
-        return a.copy_to_host() if _is_device_array(a) else a
-
-    @staticmethod
-    def is_device_array(a):
-        return _is_device_array(a)
-
-    @staticmethod
-    def as_storage(a, storage_dtype):
-        """float16 arrays (host or device) become their uint16 bit patterns (zero-copy); others pass through."""
-        if _is_device_array(a):
-            return a.view(storage_dtype)
-        return np.ascontiguousarray(a).view(storage_dtype)
-
-
-OPS = CudaOps()
+OPS = CudaOps(write_tokens, attend_tokens)

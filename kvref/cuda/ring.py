@@ -1,0 +1,104 @@
+"""CUDA twins of the ring cache's spec (``kvref/ring.py``): thread mappings whose bodies call the spec.
+
+The thread mappings are the flat cache's (``kvref/cuda/flat.py``)::
+
+    write    grid (n_seq * T, kv_heads), block head_dim threads; thread d of block (i * T + t, h) runs
+             ring.write_one(..., i, t, h, d), which also records the token's position (thread h = 0, d = 0).
+             A token with slot -1 (a later token of the same step takes its slot) writes nothing, so no two threads
+             ever write one slot.
+    attend   one thread per work item (i, t, kv_head), item = cuda.grid(1); it runs ring.attend_one: the online
+             softmax of its G query heads over the ring slots visible from its position, then over the step's
+             held-aside chunk (empty unless the step is deferred).
+
+The same future work applies as for the flat cache (a block per work item with a shared-memory reduction).
+"""
+
+import numpy as np
+from numba import cuda
+
+from .. import ring
+from ..flat import work_item
+from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, on_device, result_array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: index arithmetic only; the work is the spec's.
+# ---------------------------------------------------------------------------------------------------------------
+def _write_kernel_body(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_new):
+    """Block (i * T + t, h) writes head h of new token t of step-sequence i; thread d writes element d."""
+    n_tokens = slots.shape[1]
+    row = cuda.blockIdx.x
+    i = row // n_tokens
+    t = row % n_tokens
+    h = cuda.blockIdx.y
+    for d in range(cuda.threadIdx.x, k_new.shape[3], cuda.blockDim.x):
+        ring.write_one(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_new, i, t, h, d)
+
+
+def _attend_kernel_body(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale,
+                        out, work):
+    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+    n_seq, n_tokens = positions.shape
+    kv_heads = kv.shape[3]
+    item = cuda.grid(1)
+    if item < n_seq * n_tokens * kv_heads:
+        i, t, h = work_item(item, n_tokens, kv_heads)
+        ring.attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale,
+                        out, work[item], i, t, h)
+
+
+_write_kernel = cuda.jit(_write_kernel_body)
+_attend_kernel = cuda.jit(_attend_kernel_body)
+
+
+def _signatures():
+    """The signatures the launchers below use: fp32 and uint16 (fp16 bits) storage, C-contiguous arrays."""
+    from numba.core import types
+
+    def c(dtype, ndim):
+        return types.Array(dtype, ndim, "C")
+
+    f32, i64 = types.float32, types.int64
+    write, attend = [], []
+    for storage in (types.float32, types.uint16):
+        write.append(types.void(c(storage, 6), c(i64, 3), i64, c(i64, 1), c(i64, 2), c(i64, 2), c(storage, 4),
+                                c(storage, 4)))
+        attend.append(types.void(c(storage, 6), c(i64, 3), i64, c(i64, 1), c(i64, 2), c(storage, 4), c(storage, 4),
+                                 i64, i64, c(f32, 4), f32, c(f32, 4), c(f32, 3)))
+    return {"write": write, "attend": attend}
+
+
+#: every kernel of this module: name -> (plain Python body, [numba signatures it is launched with])
+KERNELS = {
+    "ring.write": (_write_kernel_body, _signatures()["write"]),
+    "ring.attend": (_attend_kernel_body, _signatures()["attend"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers and the operations object a cache calls
+# ---------------------------------------------------------------------------------------------------------------
+def write_tokens(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_new):
+    """Scatter one layer's new K/V into their ring slots (spec: ``kvref.ring.write_tokens``); kv and slot_positions
+    are device arrays, the others host or device arrays."""
+    n_seq, n_tokens, kv_heads, head_dim = k_new.shape
+    threads = min(head_dim, MAX_BLOCK_THREADS)
+    _write_kernel[(n_seq * n_tokens, kv_heads), threads](
+        kv, slot_positions, int(layer), on_device(seq_ids), on_device(positions), on_device(slots),
+        on_device(k_new), on_device(v_new))
+
+
+def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out):
+    """Attention of one layer for every new token (spec: ``kvref.ring.attend_tokens``), into ``out`` in place."""
+    n_seq, n_tokens, q_heads, head_dim = q.shape
+    kv_heads = kv.shape[3]
+    blocks, threads, work = attend_launch(n_seq * n_tokens * kv_heads, q_heads // kv_heads)
+    d_out = result_array(out)
+    _attend_kernel[blocks, threads](kv, slot_positions, int(layer), on_device(seq_ids), on_device(positions),
+                                    on_device(pending_k), on_device(pending_v), int(window), int(sinks),
+                                    on_device(q), np.float32(scale), d_out, work)
+    copy_result(d_out, out)
+    return out
+
+
+OPS = CudaOps(write_tokens, attend_tokens)
