@@ -126,3 +126,87 @@ class FlatModel:
             assert target >= 0
             for layer in range(self.layers):
                 del self.rows[layer][s][target:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding window (ring cache): the rule written out again here, independently of kvref.attention.visible
+# ---------------------------------------------------------------------------------------------------------------
+def window_keys(i, window, sinks=0):
+    """Key positions query position i may see: 0..i, cut to the first ``sinks`` and the last ``window - sinks``
+    positions (window <= 0: all of 0..i). A list of ints in increasing order."""
+    everything = list(range(i + 1))
+    if window <= 0 or len(everything) <= window:
+        return everything
+    return everything[:sinks] + everything[len(everything) - (window - sinks):]
+
+
+def window_chunk_attention(q, k, v, positions, window, scale, sinks=0):
+    """A chunk of T tokens over the full, unwrapped K/V: token t at positions[t] sees ``window_keys(positions[t])``.
+
+    q: (T, Hq, D); k, v: (Hkv, n, D) holding positions 0 .. n-1 (n > max(positions)) -> (T, Hq, D) float64.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    out = np.zeros(q.shape, dtype=np.float64)
+    for t, p in enumerate(positions):
+        keys = window_keys(int(p), window, sinks)
+        out[t] = decode_attention_gqa(q[t], np.asarray(k)[:, keys], np.asarray(v)[:, keys], scale)
+    return out
+
+
+class RingModel:
+    """A list model of a ring cache: every row ever appended is kept (unwrapped), rows[layer][seq] a Python list of
+    (k_row, v_row), each (Hkv, D). What a ring of W slots with S sinks *holds* is ``held(seq)``: the first S
+    positions and the last W - S. Nothing here knows about slots."""
+
+    def __init__(self, layers, batch, window, sinks=0):
+        self.layers, self.batch, self.window, self.sinks = layers, batch, window, sinks
+        self.rows = [[[] for _ in range(batch)] for _ in range(layers)]
+
+    def length(self, seq):
+        lengths = {len(self.rows[layer][seq]) for layer in range(self.layers)}
+        assert len(lengths) == 1, "all layers of a sequence hold the same number of tokens"
+        return lengths.pop()
+
+    def lengths(self):
+        return [self.length(s) for s in range(self.batch)]
+
+    def append(self, layer, seq, k_rows, v_rows):
+        """k_rows, v_rows: (T, Hkv, D) new tokens of one sequence for one layer."""
+        for k_row, v_row in zip(k_rows, v_rows):
+            self.rows[layer][seq].append((np.array(k_row, dtype=np.float64), np.array(v_row, dtype=np.float64)))
+
+    def held(self, seq):
+        """Positions the ring holds for ``seq`` (the keys the next query, at position length, sees minus itself)."""
+        n = self.length(seq)
+        if n <= self.window:
+            return list(range(n))
+        return list(range(self.sinks)) + list(range(n - (self.window - self.sinks), n))
+
+    def keys(self, layer, seq, positions=None):
+        """(Hkv, len(positions), D) float64 of the given positions (default: everything appended), or None."""
+        return self._stack(layer, seq, 0, positions)
+
+    def values(self, layer, seq, positions=None):
+        return self._stack(layer, seq, 1, positions)
+
+    def _stack(self, layer, seq, which, positions):
+        rows = self.rows[layer][seq]
+        chosen = range(len(rows)) if positions is None else positions
+        picked = [rows[p][which] for p in chosen]
+        if not picked:
+            return None
+        return np.stack(picked, axis=1)
+
+    def reset(self, seq=None):
+        for layer in range(self.layers):
+            for s in range(self.batch) if seq is None else [seq]:
+                self.rows[layer][s].clear()
+
+    def crop_allowed(self, target, seq):
+        """A ring can crop exactly only if it has not wrapped, or the target is the length, or keeps only sinks."""
+        n = self.length(seq)
+        return n <= self.window or target >= n or target <= self.sinks
+
+    def crop(self, target, seq):
+        for layer in range(self.layers):
+            del self.rows[layer][seq][target:]
