@@ -8,7 +8,7 @@ import pytest
 
 import kvref
 
-SKIP = {"kvref.cuda", "kvref.cuda.flat"}  # importing numba.cuda here would fix the simulator choice; see tests_cuda
+SKIP = {"kvref.cuda", "kvref.cuda.flat", "kvref.cuda.ring"}  # importing numba.cuda here would fix the simulator choice; see tests_cuda
 
 
 def public_modules():
