@@ -5,17 +5,26 @@ The model is a Llama-style decoder written in NumPy float32, small enough to rea
     x = embed[tokens]                                           (T, d_model)
     for each layer:
         h = rms_norm(x) ;  q = rope(h @ Wq) ;  k = rope(h @ Wk) ;  v = h @ Wv
-        x = x + attention(q, k, v) @ Wo                          causal, GQA
+        x = x + attention(q, k, v) @ Wo                          causal (optionally windowed), GQA
         h = rms_norm(x) ;  x = x + (silu(h @ W_gate) * (h @ W_up)) @ W_down
     logits = rms_norm(x) @ W_head                               (T, vocab)
 
 It has two forward paths that share every line except where attention gets its keys and values:
 
-* :meth:`ToyModel.forward_full` recomputes the whole sequence with a causal mask, in plain NumPy float64. It does
-  not touch kvref's caches: it is the no-cache path, and an independent check of the cached one.
+* :meth:`ToyModel.forward_full` recomputes the whole sequence with a mask (:func:`attention_mask`), in plain NumPy
+  float64. It does not touch kvref's caches: it is the no-cache path, and an independent check of the cached one.
 * :meth:`ToyModel.forward_cached` runs only the *new* tokens through the layers. Each layer writes their K/V into a
-  :class:`kvref.FlatCache` and attends over everything the cache holds (plan / write / attend / advance, see
-  ``kvref/flat.py``). The same call does prefill (T > 1, in one chunk or several) and decode (T = 1).
+  :class:`kvref.FlatCache` (or a :class:`kvref.RingCache`) and attends over what the cache holds (plan / write /
+  attend / advance, see ``kvref/flat.py``). The same call does prefill (T > 1, in one chunk or several) and decode
+  (T = 1).
+
+**Sliding-window attention** (``ToyConfig.sliding_window = W``, optionally ``attention_sinks = S``): a query at
+position i sees key j iff :func:`kvref.attention.visible` ``(i, j, W, S)``, the one window rule of every cache. The
+no-cache path builds its mask from that function; the cached path uses a :class:`kvref.RingCache` of W slots, which
+wraps as often as the sequence needs. Keys are rotated (RoPE) once, at their *absolute* positions, before they are
+stored, and queries use their absolute positions too (the ring's sink convention, ``kvref/ring.py``): a sink at
+position 0 seen from position 1000 is 1000 positions away in both paths, so the recompute with the same mask gives
+the same tokens and logits as the ring, however many times it has wrapped.
 
 :func:`generate` decodes greedily through either path and counts the work exactly, so that seed 002's claim can be
 checked: generating 100 tokens after a 50-token prompt costs 9,950 token-computations without a cache and 150 with
@@ -26,13 +35,16 @@ Weights are random (``np.random.default_rng(seed)``), so the text is gibberish; 
 produce the same tokens and the same logits, and how much work each does.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DTypeError, IndexOutOfRangeError, ShapeError
+from .attention import visible
+from .errors import CacheOverflowError, DTypeError, IndexOutOfRangeError, ShapeError
 from .flat import FlatCache
+from .ring import RingCache
 from .shapes import CacheShape, check_positive_int
 
 
@@ -56,6 +68,11 @@ class ToyConfig:
     seed:       seed of ``np.random.default_rng`` that draws every weight
     rope_theta: RoPE base (``rope_theta``)
     norm_eps:   epsilon of RMSNorm (``rms_norm_eps``)
+    sliding_window:  W, keys a query sees, itself included (``sliding_window``): key j is visible from query i iff
+                     ``i - W < j <= i`` (:func:`kvref.attention.visible`). 0 (the default) is full causal attention.
+                     With W > 0 the cache is a :class:`kvref.RingCache` of W slots (:meth:`ToyModel.new_cache`)
+    attention_sinks: S, 0 <= S < W: the first S positions stay visible to every query (StreamingLLM sinks); the
+                     rest of the window is the last W - S positions. Must be 0 when sliding_window is 0
     """
 
     vocab: int = 64
@@ -69,6 +86,8 @@ class ToyConfig:
     seed: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    sliding_window: int = 0
+    attention_sinks: int = 0
 
     def __post_init__(self):
         for name in ("vocab", "d_model", "layers", "q_heads", "kv_heads", "head_dim", "d_ff", "max_tokens"):
@@ -83,6 +102,7 @@ class ToyConfig:
             raise ShapeError("rope_theta", "a number > 1", repr(self.rope_theta))
         if not self.norm_eps > 0.0:
             raise ShapeError("norm_eps", "a number > 0", repr(self.norm_eps))
+        _check_window(self.sliding_window, self.attention_sinks, "sliding_window", "attention_sinks")
 
     @property
     def group_size(self):
@@ -139,29 +159,80 @@ def apply_rope(x, positions, theta):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
 
 
-def causal_attention(q, k, v, scale=None):
-    """Full causal attention in float64, the no-cache path (masks the scores; uses no cache).
+def causal_attention(q, k, v, scale=None, mask=None):
+    """Masked attention in float64, the no-cache path (masks the scores; uses no cache).
 
     q: (T, q_heads, D); k, v: (T, kv_heads, D). Query head qh uses KV head qh // G (GQA, G = q_heads // kv_heads).
-    Query i sees keys j <= i:  out[i, qh] = sum_{j<=i} softmax_j(scale * q[i, qh] . k[j, qh//G]) v[j, qh//G],
+    mask: (T, T) bool, True where key j is visible from query i; default :func:`causal_mask` (j <= i). A windowed
+    model passes ``attention_mask(T, window, sinks)``. Every row needs at least one visible key.
+    out[i, qh] = sum_{j: mask[i, j]} softmax_j(scale * q[i, qh] . k[j, qh//G]) v[j, qh//G],
     scale = 1 / sqrt(D) by default. Returns (T, q_heads, D) float32.
     """
     T, q_heads, D = q.shape
+    if mask is None:
+        mask = causal_mask(T)
+    elif not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != (T, T):
+        raise ShapeError("mask", f"a ({T}, {T}) bool array", getattr(mask, "shape", type(mask).__name__))
+    elif not mask.any(axis=1).all():
+        raise ShapeError("mask", "at least one visible key per query row", "a row with none")
     group = q_heads // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     k_rep = np.repeat(k.astype(np.float64), group, axis=1)  # (T, q_heads, D): KV head h serves q heads h*G .. h*G+G-1
     v_rep = np.repeat(v.astype(np.float64), group, axis=1)
     scores = np.einsum("ihd,jhd->hij", q.astype(np.float64), k_rep) * scale  # (q_heads, T, T)
-    scores = np.where(causal_mask(T)[None], scores, -np.inf)
+    scores = np.where(mask[None], scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
     return np.einsum("hij,jhd->ihd", p, v_rep).astype(np.float32)
 
 
+def _check_window(window, sinks, window_name="window", sinks_name="sinks"):
+    """ShapeError unless window is an int >= 0 and sinks an int with 0 <= sinks < window (sinks = 0 if window = 0)."""
+    for name, value in ((window_name, window), (sinks_name, sinks)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ShapeError(name, "an integer >= 0", repr(value))
+    if window == 0 and sinks != 0:
+        raise ShapeError(sinks_name, f"0 when {window_name} is 0 (full attention has no sinks)", int(sinks))
+    if window > 0 and sinks >= window:
+        raise ShapeError(sinks_name, f"an integer in [0, {window_name}={int(window)})", int(sinks))
+
+
+@functools.lru_cache(maxsize=256)
+def attention_mask(T, window=0, sinks=0):
+    """(T, T) bool, read-only: ``mask[i, j] = kvref.attention.visible(i, j, window, sinks)``, the one window rule.
+
+    window = 0: causal (j <= i). window = W > 0: ``i - W < j <= i``; with S = ``sinks`` > 0, ``j <= i`` and
+    (``j < S`` or ``i - (W - S) < j``): the S sinks plus the last W - S positions. Either way row i has
+    min(i + 1, W) True entries. Built by calling :func:`kvref.attention.visible` for every (i, j), so the no-cache
+    path and every cache share one definition. Cached (functools.lru_cache): the array is shared, hence read-only.
+    """
+    check_positive_int("T", T)
+    _check_window(window, sinks)
+    T, window, sinks = int(T), int(window), int(sinks)
+    mask = np.array([[visible(i, j, window, sinks) for j in range(T)] for i in range(T)], dtype=bool)
+    mask.setflags(write=False)
+    return mask
+
+
 def causal_mask(T):
-    """(T, T) bool: True where key j is visible from query i, i.e. j <= i. It has T (T + 1) / 2 True entries."""
-    return np.tril(np.ones((T, T), dtype=bool))
+    """(T, T) bool, read-only: True where key j is visible from query i, i.e. j <= i (``attention_mask(T)``). It has
+    T (T + 1) / 2 True entries."""
+    return attention_mask(T)
+
+
+def _keys_read(positions, window):
+    """Keys each query at ``positions`` reads: min(position + 1, W), or position + 1 without a window (W = 0).
+    Sinks do not change the count: S sinks + the last W - S positions are still W keys once position >= W - 1."""
+    positions = np.asarray(positions, np.int64)
+    return positions + 1 if window <= 0 else np.minimum(positions + 1, window)
+
+
+def _visible_pairs(T, window):
+    """True entries of ``attention_mask(T, window, sinks)``: sum_{i<T} min(i + 1, W) (T (T + 1) / 2 if W = 0)."""
+    if window <= 0 or T <= window:
+        return T * (T + 1) // 2
+    return window * (window + 1) // 2 + (T - window) * window
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +244,7 @@ class Work:
 
     step_tokens[s]:        tokens run through all layers by call s (token-computations of that call)
     step_dot_products[s]:  query-key dot products of call s, summed over layers and query heads. Only visible
-                           (causal) pairs count: a query at position p reads p + 1 keys.
+                           pairs count: a query at position p reads p + 1 keys, min(p + 1, W) with a window W.
     """
 
     step_tokens: list = field(default_factory=list)
@@ -222,7 +293,7 @@ def token_computations(prompt_len, new_tokens, use_cache, commit_last=True):
     return N * (P - 1) + N * (N + 1) // 2
 
 
-def attention_dot_products(prompt_len, new_tokens, use_cache, layers=1, q_heads=1, commit_last=True):
+def attention_dot_products(prompt_len, new_tokens, use_cache, layers=1, q_heads=1, commit_last=True, window=0):
     """Query-key dot products (visible causal pairs) of the same generation as :func:`token_computations`.
 
     A query at absolute position p (0-based) reads the keys of positions 0..p: p + 1 dot products per query head
@@ -241,11 +312,21 @@ def attention_dot_products(prompt_len, new_tokens, use_cache, layers=1, q_heads=
         total = sum_{T=P..P+N-1} T (T + 1) / 2 = [(P+N-1)(P+N)(P+N+1) - (P-1) P (P+1)] / 6
 
     (A dense masked implementation computes T^2 scores per pass and discards the masked ones; they are not counted.)
+
+    With a sliding window W > 0 (``window``; sinks do not change the count) a query reads min(p + 1, W) keys, so a
+    pass over T tokens does V(T) = sum_{i<T} min(i + 1, W) dot products (T (T + 1) / 2 while T <= W, then W per
+    extra token) and the totals become V(P + N - 1 + c) with a cache and sum_{T=P..P+N-1} V(T) without.
     """
     P, N = _check_counts(prompt_len, new_tokens)
     check_positive_int("layers", layers)
     check_positive_int("q_heads", q_heads)
-    if use_cache:
+    _check_window(window, 0)
+    if window > 0:
+        if use_cache:
+            per_head = _visible_pairs(P + N - 1 + int(bool(commit_last)), window)
+        else:
+            per_head = sum(_visible_pairs(T, window) for T in range(P, P + N))
+    elif use_cache:
         decode_steps = N - 1 + int(bool(commit_last))
         per_head = P * (P + 1) // 2 + decode_steps * P + decode_steps * (decode_steps + 1) // 2
     else:
@@ -365,9 +446,10 @@ class ToyModel:
     def forward_full(self, tokens, work=None):
         """Logits (T, vocab) for every position of ``tokens`` (T,), recomputing everything; no cache is involved.
 
-        Token t sits at position t. Attention is :func:`causal_attention` (float64 NumPy). If ``work`` (a
-        :class:`Work`) is given, records T token-computations and ``layers * q_heads * T (T + 1) / 2`` dot products
-        (the visible pairs of the mask actually used).
+        Token t sits at position t. Attention is :func:`causal_attention` (float64 NumPy) with the mask
+        ``attention_mask(T, config.sliding_window, config.attention_sinks)`` (plain causal when sliding_window = 0).
+        If ``work`` (a :class:`Work`) is given, records T token-computations and ``layers * q_heads * mask.sum()``
+        dot products (the visible pairs of the mask actually used: T (T + 1) / 2 without a window).
         """
         tokens = self._check_tokens(tokens)
         c = self.config
@@ -375,12 +457,13 @@ class ToyModel:
         if T > c.max_tokens:
             raise ShapeError("tokens", f"at most max_tokens={c.max_tokens} tokens", T)
         positions = np.arange(T, dtype=np.int64)
+        mask = attention_mask(T, c.sliding_window, c.attention_sinks)
         x = self.embed[tokens]
         dots = 0
         for layer in range(c.layers):
             q, k, v = self.qkv(layer, x, positions)
-            x = self.finish_layer(layer, x, causal_attention(q, k, v))
-            dots += int(causal_mask(T).sum()) * c.q_heads
+            x = self.finish_layer(layer, x, causal_attention(q, k, v, mask=mask))
+            dots += int(mask.sum()) * c.q_heads
         if work is not None:
             work.record(T, dots)
         return self.lm_head(x)
@@ -400,33 +483,67 @@ class ToyModel:
 
         T > 1 is (a chunk of) prefill, T = 1 a decode step. An fp16 cache stores K/V rounded to fp16
         (``k.astype(np.float16)``); attention still accumulates in float32. If ``work`` is given, records T
-        token-computations and ``layers * q_heads * sum_t (position_t + 1)`` dot products (the keys each query reads).
+        token-computations and ``layers * q_heads * sum_t keys_t`` dot products, keys_t = the keys query t reads:
+        position_t + 1, or min(position_t + 1, W) with a ring of W slots (sinks included).
+
+        The cache: with ``config.sliding_window = W > 0`` it must be a :class:`kvref.RingCache` with ``window = W``
+        and ``sinks = config.attention_sinks`` (any chunk size works; the ring defers a chunk that would overwrite
+        keys its own queries need). With ``sliding_window = 0`` it is a :class:`kvref.FlatCache`, or a RingCache of
+        any window, which makes the attention windowed: that equals the full model only while the sequence fits in
+        the ring's window. Positions must stay below ``config.max_tokens`` (a ring never overflows, so this is its
+        only limit). A call that raises changes nothing.
         """
         tokens = self._check_tokens(tokens)
         c = self.config
-        if not isinstance(cache, FlatCache):
-            raise ShapeError("cache", "a kvref.FlatCache", type(cache).__name__)
-        s = cache.shape
-        if (s.layers, s.q_heads, s.kv_heads, s.head_dim) != (c.layers, c.q_heads, c.kv_heads, c.head_dim):
-            raise ShapeError("cache", f"a cache of shape {c.cache_shape(s.dtype)}", s)
+        window = self._check_cache(cache)
         T = tokens.size
-        step = cache.plan(T, [seq])
+        step = cache.plan(T, [seq])  # a flat cache's overflow raises here; nothing has changed
         positions = step.positions[0]
+        if positions[-1] >= c.max_tokens:
+            raise IndexOutOfRangeError("tokens", f"positions below max_tokens={c.max_tokens}",
+                                       f"positions {positions[0]}..{positions[-1]}", detail="nothing was written")
+        dtype = cache.shape.public_dtype
         x = self.embed[tokens]
         for layer in range(c.layers):
             q, k, v = self.qkv(layer, x, positions)
-            cache.write(step, layer, k[None].astype(s.public_dtype), v[None].astype(s.public_dtype))
+            cache.write(step, layer, k[None].astype(dtype), v[None].astype(dtype))
             o = cache.attend(step, layer, np.ascontiguousarray(q[None]))
             x = self.finish_layer(layer, x, o[0])
         cache.advance(step)
         if work is not None:
-            work.record(T, c.layers * c.q_heads * int((positions + 1).sum()))
+            work.record(T, c.layers * c.q_heads * int(_keys_read(positions, window).sum()))
         return self.lm_head(x)
 
+    def _check_cache(self, cache):
+        """ShapeError unless ``cache`` fits this model (see :meth:`forward_cached`); returns its window (0: flat)."""
+        c = self.config
+        if c.sliding_window > 0:
+            expected = (f"a kvref.RingCache with window={c.sliding_window}, sinks={c.attention_sinks} "
+                        "(config.sliding_window, config.attention_sinks)")
+            if not isinstance(cache, RingCache):
+                raise ShapeError("cache", expected, type(cache).__name__)
+            if (cache.window, cache.sinks) != (c.sliding_window, c.attention_sinks):
+                raise ShapeError("cache", expected, f"a RingCache with window={cache.window}, sinks={cache.sinks}")
+        elif not isinstance(cache, (FlatCache, RingCache)):
+            raise ShapeError("cache", "a kvref.FlatCache (or a kvref.RingCache)", type(cache).__name__)
+        s = cache.shape
+        if (s.layers, s.q_heads, s.kv_heads, s.head_dim) != (c.layers, c.q_heads, c.kv_heads, c.head_dim):
+            raise ShapeError("cache", f"a cache of shape {c.cache_shape(s.dtype)}", s)
+        return cache.window if isinstance(cache, RingCache) else 0
+
     def new_cache(self, backend="cpu", dtype="float32", batch=1, max_tokens=None):
-        """An empty :class:`kvref.FlatCache` for this model (``max_tokens`` defaults to ``config.max_tokens``)."""
-        max_tokens = self.config.max_tokens if max_tokens is None else max_tokens
-        return FlatCache(self.config.cache_shape(dtype), batch=batch, max_tokens=max_tokens, backend=backend)
+        """An empty cache for this model: a :class:`kvref.FlatCache` of ``max_tokens`` slots per sequence (default
+        ``config.max_tokens``), or, when ``config.sliding_window = W > 0``, a :class:`kvref.RingCache` with
+        ``window = W`` and ``sinks = config.attention_sinks`` (W slots; ``max_tokens`` must then be None)."""
+        c = self.config
+        if c.sliding_window > 0:
+            if max_tokens is not None:
+                raise ShapeError("max_tokens", f"None for a windowed model (its ring has W={c.sliding_window} slots)",
+                                 repr(max_tokens))
+            return RingCache(c.cache_shape(dtype), batch=batch, window=c.sliding_window, sinks=c.attention_sinks,
+                             backend=backend)
+        max_tokens = c.max_tokens if max_tokens is None else max_tokens
+        return FlatCache(c.cache_shape(dtype), batch=batch, max_tokens=max_tokens, backend=backend)
 
     # --- generation -----------------------------------------------------------------------------------------
     def generate(self, prompt, new_tokens, use_cache=True, backend="cpu", dtype="float32", prefill_chunk=None,
@@ -438,29 +555,45 @@ class ToyModel:
                          new token 1 = argmax of the last row), then decode step n feeds new token n alone and
                          new token n + 1 = argmax of its logits. With ``commit_last`` the step for the last token
                          runs too (the cache ends with all P + N tokens; its logits are ``final_logits``).
-                         ``cache`` (a FlatCache whose sequence ``seq`` is empty) is used if given, otherwise one is
-                         made with ``backend`` and ``dtype`` ("float32" or "float16") and ``config.max_tokens``.
+                         ``cache`` (a FlatCache or RingCache whose sequence ``seq`` is empty, accepted by
+                         :meth:`forward_cached`) is used if given, otherwise :meth:`new_cache` makes one with
+                         ``backend`` and ``dtype`` ("float32" or "float16"): a FlatCache of ``config.max_tokens``
+                         slots, or a RingCache of ``config.sliding_window`` slots for a windowed model.
         backend and dtype do not affect the no-cache path. The counts follow :func:`token_computations` and
-        :func:`attention_dot_products` exactly.
+        :func:`attention_dot_products` exactly (with ``window`` = the ring's window, if any).
+
+        Length: the sequence never goes past ``config.max_tokens`` positions (P + N - 1 tokens are fed without a
+        cache, P + N - 1 + commit_last with one); a flat cache must also hold them. A ring cache never overflows.
+        Both are checked before anything runs (ShapeError / CacheOverflowError; a given cache is left unchanged).
         """
         prompt = self._check_tokens(prompt)
         check_positive_int("new_tokens", new_tokens)
         if prefill_chunk is not None:
             check_positive_int("prefill_chunk", prefill_chunk)
+        fed = prompt.size + new_tokens - 1 + (int(bool(commit_last)) if use_cache else 0)
+        if not use_cache:
+            cache = None
+        else:
+            if cache is None:
+                cache = self.new_cache(backend=backend, dtype=dtype)
+            self._check_cache(cache)
+            if cache.get_seq_length(seq) != 0:
+                raise ShapeError("cache", f"an empty sequence {seq}", f"{cache.get_seq_length(seq)} tokens stored")
+            if isinstance(cache, FlatCache) and fed > cache.max_tokens:
+                raise CacheOverflowError("new_tokens", f"P + N - 1 + commit_last <= max_tokens={cache.max_tokens} "
+                                         "of the cache", f"{fed} tokens to store", detail="nothing was run")
+        if fed > self.config.max_tokens:
+            raise ShapeError("new_tokens", f"a generation feeding at most max_tokens={self.config.max_tokens} tokens",
+                             f"{new_tokens} (P + N - 1{' + commit_last' if use_cache else ''} = {fed} tokens)")
         work = Work()
         generated, logits_rows = [], []
         final_logits = None
         if not use_cache:
-            cache = None
             for _ in range(new_tokens):
                 logits = self.forward_full(np.concatenate([prompt, np.asarray(generated, np.int64)]), work)
                 logits_rows.append(logits[-1])
                 generated.append(int(np.argmax(logits[-1])))
         else:
-            if cache is None:
-                cache = self.new_cache(backend=backend, dtype=dtype)
-            elif cache.get_seq_length(seq) != 0:
-                raise ShapeError("cache", f"an empty sequence {seq}", f"{cache.get_seq_length(seq)} tokens stored")
             chunk = prompt.size if prefill_chunk is None else prefill_chunk
             for start in range(0, prompt.size, chunk):
                 logits = self.forward_cached(prompt[start:start + chunk], cache, seq, work)
@@ -492,7 +625,8 @@ class GenerationResult(Work):
     step_dot_products:  query-key dot products of each forward call (all layers and query heads); their sum equals
                         :func:`attention_dot_products`
     final_logits:       (vocab,) logits after the last new token (the commit step), or None
-    cache:              the FlatCache used (holding P + N tokens after a commit), or None
+    cache:              the FlatCache or RingCache used (P + N tokens seen after a commit; a ring holds its S
+                        sinks and the last W - S of them), or None
     """
 
     prompt: np.ndarray
@@ -500,7 +634,7 @@ class GenerationResult(Work):
     logits: np.ndarray
     use_cache: bool
     final_logits: np.ndarray = None
-    cache: FlatCache = None
+    cache: FlatCache | RingCache = None
 
     @property
     def sequence(self):
@@ -516,6 +650,6 @@ def generate(model, prompt, new_tokens, use_cache=True, backend="cpu", dtype="fl
 
 
 __all__ = [
-    "GenerationResult", "ToyConfig", "ToyModel", "Work", "apply_rope", "attention_dot_products", "causal_attention",
-    "causal_mask", "generate", "rms_norm", "rope_angles", "silu", "token_computations",
+    "GenerationResult", "ToyConfig", "ToyModel", "Work", "apply_rope", "attention_dot_products", "attention_mask",
+    "causal_attention", "causal_mask", "generate", "rms_norm", "rope_angles", "silu", "token_computations",
 ]
