@@ -12,6 +12,10 @@ With tensor parallelism over ``tp_size`` GPUs each rank keeps only its own KV he
 
 Seed 003 used ``n_heads`` (query heads) in this formula: for a GQA model that overstates memory by
 ``q_heads / kv_heads`` (8x for TinyLlama, 4x for Llama-3-8B).
+
+A ring cache (``kvref/ring.py``) is this formula with ``max_tokens = W``, the window, however many tokens have gone
+through it (:func:`ring_bytes`), plus one int64 stored position per layer, sequence and slot
+(:func:`ring_position_bytes`).
 """
 
 from .errors import ShapeError
@@ -48,6 +52,23 @@ def bytes_per_layer(shape, batch, max_tokens, tp_size=1):
 def cache_bytes(shape, batch, max_tokens, tp_size=1):
     """Bytes of the whole cache on one rank: layers * bytes_per_layer = batch * max_tokens * bytes_per_token."""
     return shape.layers * bytes_per_layer(shape, batch, max_tokens, tp_size)
+
+
+def ring_bytes(shape, batch, window):
+    """K/V bytes of a ring cache of ``window`` = W slots per sequence: :func:`cache_bytes` with max_tokens = W.
+
+    The same for every number of tokens generated: past W the ring overwrites its oldest slot instead of growing.
+    """
+    check_positive_int("window", window)
+    return cache_bytes(shape, batch, window)
+
+
+def ring_position_bytes(shape, batch, window):
+    """Bytes of a ring cache's stored slot positions: layers * batch * W int64 (8 bytes each), one per layer, sequence
+    and slot (``RingCache.stats()["position_bytes"]``; not counted in ``nbytes``)."""
+    check_positive_int("batch", batch)
+    check_positive_int("window", window)
+    return shape.layers * batch * window * 8
 
 
 def wrong_heads_bytes(shape, batch, max_tokens):

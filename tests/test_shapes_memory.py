@@ -284,3 +284,48 @@ def test_memory_table_rows():
     assert rows[3][2] == 512 * memory.MIB
     everything = memory.memory_table()
     assert len(everything) == len(PUBLISHED) * 4
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"L{s.layers}q{s.q_heads}kv{s.kv_heads}d{s.head_dim}{s.dtype}")
+@pytest.mark.parametrize("batch, window, sinks", [(1, 1, 0), (1, 17, 3), (3, 8, 0), (2, 5, 4)])
+def test_ring_formulas_equal_allocated_bytes(shape, batch, window, sinks):
+    """ring_bytes = a real RingCache's nbytes (K/V of W slots, however long the sequence); ring_position_bytes =
+    its int64 slot positions, one per layer, sequence and slot."""
+    cache = kvref.RingCache(shape, batch=batch, window=window, sinks=sinks, backend="python")
+    assert memory.ring_bytes(shape, batch, window) == cache.nbytes == cache.kv.nbytes
+    assert memory.ring_bytes(shape, batch, window) == memory.cache_bytes(shape, batch, window)
+    assert memory.ring_bytes(shape, batch, window) == 2 * shape.layers * batch * shape.kv_heads * window * \
+        shape.head_dim * shape.element_bytes
+    assert memory.ring_position_bytes(shape, batch, window) == cache.stats()["position_bytes"]
+    assert memory.ring_position_bytes(shape, batch, window) == shape.layers * batch * window * 8
+    assert cache.slot_positions.nbytes == memory.ring_position_bytes(shape, batch, window)
+
+
+def test_ring_bytes_stay_flat_past_the_window():
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8, dtype="float16")
+    cache = kvref.RingCache(shape, batch=1, window=4, backend="python")
+    for n in range(1, 11):
+        step = cache.plan(1)
+        k = np.full((1, 1, 2, 8), n, np.float16)
+        for layer in range(shape.layers):
+            cache.write(step, layer, k, k)
+        cache.advance(step)
+        assert cache.nbytes == memory.ring_bytes(shape, 1, 4)
+        assert cache.stats()["position_bytes"] == memory.ring_position_bytes(shape, 1, 4)
+    # Mistral-7B (sliding_window 4096 in its config), fp16: 512 MiB of K/V and 1 MiB of positions
+    mistral = kvref.preset("mistral-7b")
+    assert memory.ring_bytes(mistral, 1, 4096) == 512 * memory.MIB
+    assert memory.ring_position_bytes(mistral, 1, 4096) == memory.MIB
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda s: memory.ring_bytes(s, 1, 0), "window"),
+    (lambda s: memory.ring_bytes(s, 0, 4), "batch"),
+    (lambda s: memory.ring_position_bytes(s, 1, -1), "window"),
+    (lambda s: memory.ring_position_bytes(s, 1.0, 4), "batch"),
+])
+def test_ring_memory_rejects_bad_sizes(call, argument):
+    s = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8)
+    with pytest.raises(ShapeError) as info:
+        call(s)
+    assert info.value.argument == argument

@@ -1,8 +1,8 @@
 """``python -m kvref.plots [--quick] [--out DIR]``: check the backends, then write every figure and an index.html.
 
 1. Every available backend ("python", "cpu", and "cuda" where kvref.backends() says it can run) is compared with a
-   float64 NumPy reference on a small case; the run aborts with exit status 1 if any error exceeds its tolerance,
-   before anything is timed.
+   float64 NumPy reference on a small case, for the flat and the ring cache; the run aborts with exit status 1 if any
+   error exceeds its tolerance, before anything is timed.
 2. Each figure of :mod:`kvref.plots` is built and written as PNG and SVG, one progress line per figure.
 3. ``DIR/index.html`` shows the figures, the memory table, the backend check, the timings and the machine.
 """
@@ -15,8 +15,10 @@ import sys
 import time
 
 from .. import memory
-from . import (FIGURE_NAMES, check_backends, cost_figure, flat_timeline_figure, format_bytes, generation_counts,
-               layouts_figure, measure_decode_times, memory_figure, memory_rows, save, tinyllama_row)
+from . import (FIGURE_CAPTIONS, FIGURE_NAMES, check_backends, chunked_prefill_figure, cost_figure,
+               flat_timeline_figure, format_bytes, generation_counts, layouts_figure, measure_decode_times,
+               memory_figure, memory_rows, ring_memory_figure, ring_timeline_figure, save, tinyllama_row,
+               window_conventions_figure)
 
 TABLE_CONTEXTS = (2048, 4096, 8192, 32768)
 
@@ -82,14 +84,17 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick):
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;"
         "border:1px solid #eee}.fail{color:#c00;font-weight:bold}.ok{color:#080}</style></head><body>",
-        "<h1>kvref: figures of the flat cache</h1>",
+        "<h1>kvref: figures of the flat and ring caches</h1>",
         f"<p>Written by <code>python -m kvref.plots{' --quick' if quick else ''}</code> in {total_s:.1f} s. "
         "Every figure is built by a function of <code>kvref.plots</code>, the same one the notebooks call.</p>",
     ]
 
-    parts.append("<h2>Backend check</h2><p>Attention of every backend against a float64 NumPy reference computed "
-                 "from the cache's stored K/V (gather, softmax, matmul), over a chunked prefill, a one-sequence step "
-                 "and decode steps, every layer. Checked before anything is timed.</p>")
+    parts.append("<h2>Backend check</h2><p>Attention of every backend against a float64 NumPy reference (gather, "
+                 "softmax, matmul), every layer, checked before anything is timed. <b>flat</b>: from the cache's "
+                 "stored K/V, over a chunked prefill, a one-sequence step and decode steps. <b>ring</b>: a RingCache "
+                 "of W = 6 slots (no sinks, then 2 sinks) against the window rule i - W &lt; j &lt;= i over every "
+                 "K/V row fed, unwrapped, over a prefill, a step that wraps (deferred), decode steps past the wrap "
+                 "and a chunk longer than the ring.</p>")
     rows = []
     for r in checks:
         if r["ok"] is None:
@@ -97,15 +102,16 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick):
         else:
             status = "<span class='ok'>ok</span>" if r["ok"] else "<span class='fail'>FAIL</span>"
             err = f"{r['max_error']:.2e}"
-        rows.append([e(r["backend"]), e(r["dtype"]), err, f"{r['tolerance']:.0e}", status, f"{r['seconds']:.2f}",
-                     e(r["reason"])])
-    parts.append(_table(["backend", "dtype", "max |error|", "tolerance", "result", "seconds (compile included)",
+        rows.append([e(r["backend"]), e(r["variant"]), e(r["dtype"]), err, f"{r['tolerance']:.0e}", status,
+                     f"{r['seconds']:.2f}", e(r["reason"])])
+    parts.append(_table(["backend", "cache", "dtype", "max |error|", "tolerance", "result",
+                         "seconds (compile included)",
                          "note"], rows))
 
     parts.append("<h2>Figures</h2>")
     for name in FIGURE_NAMES:
-        parts.append(f"<h3>{e(name)}</h3><p><a href='{name}.png'>{name}.png</a> · <a href='{name}.svg'>{name}.svg</a>"
-                     f"</p><img src='{name}.svg' alt='{e(name)}'>")
+        parts.append(f"<h3>{e(name)}</h3><p>{e(FIGURE_CAPTIONS[name])} <a href='{name}.png'>{name}.png</a> · "
+                     f"<a href='{name}.svg'>{name}.svg</a></p><img src='{name}.svg' alt='{e(name)}'>")
 
     parts.append("<h2>Memory table</h2><p><code>kvref.memory.memory_table</code>: K and V, every layer, batch 1, "
                  "fp16, bytes = 2 · layers · kv_heads · head_dim · 2 · tokens (binary units: "
@@ -174,13 +180,13 @@ def main(argv=None):
     checks = check_backends()
     for r in checks:
         if r["ok"] is None:
-            progress(f"  {r['backend']:>6} {r['dtype']:<7}  skipped: {r['reason']}")
+            progress(f"  {r['backend']:>6} {r['variant']:<4} {r['dtype']:<7}  skipped: {r['reason']}")
         else:
-            progress(f"  {r['backend']:>6} {r['dtype']:<7}  max |error| {r['max_error']:.2e}  (tolerance "
-                     f"{r['tolerance']:.0e})  {'ok' if r['ok'] else 'FAIL'}  {r['seconds']:.1f} s")
+            progress(f"  {r['backend']:>6} {r['variant']:<4} {r['dtype']:<7}  max |error| {r['max_error']:.2e}  "
+                     f"(tolerance {r['tolerance']:.0e})  {'ok' if r['ok'] else 'FAIL'}  {r['seconds']:.1f} s")
     failed = [r for r in checks if r["ok"] is False]
     if failed:
-        names = ", ".join(f"{r['backend']}/{r['dtype']}" for r in failed)
+        names = ", ".join(f"{r['backend']}/{r['variant']}/{r['dtype']}" for r in failed)
         print(f"ABORT: backend check failed for {names}; nothing was timed or written.", file=sys.stderr)
         return 1
     progress(f"backend check done in {time.perf_counter() - t:.1f} s")
@@ -193,7 +199,7 @@ def main(argv=None):
         fig = build()
         save(fig, name, out_dir)
         built[name] = time.perf_counter() - t0
-        progress(f"figure {name:<14} {built[name]:5.1f} s  -> {os.path.join(out_dir, name)}.png/.svg")
+        progress(f"figure {name:<18} {built[name]:5.1f} s  -> {os.path.join(out_dir, name)}.png/.svg")
 
     figure("memory", memory_figure)
     state = {}
@@ -206,6 +212,10 @@ def main(argv=None):
     figure("cost", build_cost)
     figure("flat_timeline", flat_timeline_figure)
     figure("layouts", layouts_figure)
+    figure("ring_timeline", ring_timeline_figure)
+    figure("ring_memory", ring_memory_figure)
+    figure("window_conventions", window_conventions_figure)
+    figure("chunked_prefill", chunked_prefill_figure)
     assert tuple(built) == FIGURE_NAMES
 
     total = time.perf_counter() - start
