@@ -162,11 +162,13 @@ def attend_rows(q, keys, values, n_keys, scale, out, work):
 
 
 @register_jitable
-def attend_slots(q, keys, values, key_positions, query_position, window, sinks, scale, out, work):
+def attend_slots(q, keys, values, key_positions, end, query_position, window, sinks, scale, out, work):
     """Fold the rows of ``keys``/``values`` whose stored position is visible from ``query_position`` (any row order).
 
     key_positions: (N,) int64, the absolute position held by each row (-1: empty). Row r takes part iff
-    ``visible(query_position, key_positions[r], window, sinks)``; the others get score -inf. A tile is cut after
+    ``key_positions[r] < end`` and ``visible(query_position, key_positions[r], window, sinks)``; the others get
+    score -inf. (``end`` lets a caller ignore positions it knows are not committed; ``query_position + 1`` ignores
+    nothing.) A tile is cut after
     its last visible row, so rows 0 .. p of an unwrapped ring go through exactly the tiles :func:`attend_rows` uses
     for the flat cache (the same arithmetic, hence bit-identical results).
     """
@@ -175,7 +177,8 @@ def attend_slots(q, keys, values, key_positions, query_position, window, sinks, 
         n = 0  # the tile is used up to its last visible row (a fully masked tile is skipped)
         n_visible = 0
         for j in range(min(TILE, n_rows - start)):
-            if visible(query_position, key_positions[start + j], window, sinks):
+            position = key_positions[start + j]
+            if position < end and visible(query_position, position, window, sinks):
                 n = j + 1
                 n_visible += 1
         if n == 0:
@@ -183,7 +186,8 @@ def attend_slots(q, keys, values, key_positions, query_position, window, sinks, 
         score_tile(q, keys[start:start + n], n, scale, work)
         if n_visible < n:  # some rows before the last visible one are masked
             for j in range(n):
-                if not visible(query_position, key_positions[start + j], window, sinks):
+                position = key_positions[start + j]
+                if not (position < end and visible(query_position, position, window, sinks)):
                     for g in range(q.shape[0]):
                         work[g, j] = -np.inf  # masked: whatever the slot holds, its weight is exp(-inf) = 0
         softmax_tile(values[start:start + n], n, out, work)

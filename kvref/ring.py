@@ -89,6 +89,10 @@ __all__ = ["RingCache", "attend_one", "attend_tokens", "kept_after_step", "must_
            "write_tokens"]
 
 
+#: positions stay below 2**31 (llama.cpp's llama_pos is an int32 too); a ring never fills, so this is its only limit
+MAX_POSITIONS = 2**31
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Spec: addressing, write, attend
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,8 +158,8 @@ def attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending
                work, i, t, h):
     """Attention of the G query heads of KV head h for new token t (position p) of step-sequence i.
 
-    The keys are those of the ring slots whose stored position is visible from p, then those of the step's
-    held-aside chunk (``pending_k/v[i, :, h]``, at ``positions[i, :]``; empty unless the step is deferred) that are
+    The keys are those of the ring slots whose stored position is visible from p (for a deferred step: and below the
+    step's first position), then those of the step's held-aside chunk (``pending_k/v[i, :, h]``, at ``positions[i, :]``; empty unless the step is deferred) that are
     visible from p. Both go through one online softmax; the order of the keys does not matter.
     """
     seq = seq_ids[i]
@@ -164,11 +168,14 @@ def attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending
     p = positions[i, t]
     q_heads = q[i, t, first:first + group]
     out_heads = out[i, t, first:first + group]
+    # A deferred step reads the ring only below its first position: a slot holding a position >= the length can
+    # only be left over from a step that was written but never advanced, and the chunk brings its own keys.
+    ring_end = positions[i, 0] if pending_k.shape[1] > 0 else p + 1
     softmax_start(out_heads, work)
-    attend_slots(q_heads, kv[layer, 0, seq, h], kv[layer, 1, seq, h], slot_positions[layer, seq], p, window, sinks,
-                 scale, out_heads, work)
-    attend_slots(q_heads, pending_k[i, :, h], pending_v[i, :, h], positions[i], p, window, sinks, scale, out_heads,
-                 work)
+    attend_slots(q_heads, kv[layer, 0, seq, h], kv[layer, 1, seq, h], slot_positions[layer, seq], ring_end, p, window,
+                 sinks, scale, out_heads, work)
+    attend_slots(q_heads, pending_k[i, :, h], pending_v[i, :, h], positions[i], p + 1, p, window, sinks, scale,
+                 out_heads, work)
     softmax_finish(out_heads, work)
 
 
@@ -247,17 +254,21 @@ class RingCache(CacheBase):
         return self.remaining_capacity(seq) == 0
 
     def held_positions(self, seq=0, layer=0):
-        """Sorted positions the ring holds for ``seq`` in ``layer``: sinks, then the last W - S positions."""
+        """Sorted committed positions the ring holds for ``seq`` in ``layer``: sinks, then the last W - S positions.
+
+        (A step written but not yet advanced is not committed; its positions are not listed.)
+        """
         check_index("layer", layer, self.shape.layers)
         check_index("seq", seq, self.batch)
         held = self.slot_positions[layer, seq]
-        return np.sort(held[held >= 0])
+        return np.sort(held[(held >= 0) & (held < self._lengths[seq])])
 
     def _stored(self, layer, seq, kv_index):
         check_index("layer", layer, self.shape.layers)
         check_index("seq", seq, self.batch)
         held = self.slot_positions[layer, seq]
-        order = [int(slot) for slot in np.argsort(held, kind="stable") if held[slot] >= 0]
+        committed = (held >= 0) & (held < self._lengths[seq])
+        order = [int(slot) for slot in np.argsort(held, kind="stable") if committed[slot]]
         return self._rows(layer, seq, kv_index, order)
 
     def stats(self):
@@ -302,6 +313,10 @@ class RingCache(CacheBase):
         """
         check_positive_int("num_tokens", num_tokens)
         ids = self._seq_ids(seq_ids).copy()
+        longest = max(int(self._lengths[s]) for s in ids.tolist())
+        if longest + int(num_tokens) > MAX_POSITIONS:
+            raise IndexOutOfRangeError("num_tokens", f"<= {MAX_POSITIONS - longest} (positions stay below 2**31)",
+                                       num_tokens, detail="nothing was changed")
         positions = self._lengths[ids][:, None] + np.arange(num_tokens, dtype=np.int64)[None, :]
         slots = np.empty_like(positions)
         for i in range(positions.shape[0]):

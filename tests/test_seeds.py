@@ -1,7 +1,8 @@
 """One regression test per seed defect that applies to what kvref has now (flat cache, shapes, memory, attention).
 
-The seeds are in ../shared/seeds; their defects are listed in ../shared/seeds/README.md. Ring, two-tier, pooled and
-quantization defects belong to those variants' tests; seed 002's 9,950-token count belongs to the toy decoder's.
+The seeds are in ../shared/seeds; their defects are listed in ../shared/seeds/README.md. Seed 000's ring defects are
+checked on the ring cache at the end of this file; two-tier, pooled and quantization defects belong to those variants'
+tests; seed 002's 9,950-token count belongs to the toy decoder's.
 """
 
 import math
@@ -294,3 +295,122 @@ def test_seed004_stats_count_fp16_as_two_bytes():
     assert stats["bytes_per_token"] == 2 * 3 * 2 * 8 * 2
     assert stats["bytes_used"] == 4 * stats["bytes_per_token"]
     assert stats["nbytes"] == cache.kv.nbytes == 2 * 5 * stats["bytes_per_token"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 000 on the ring cache it planned: per-layer offsets, KV-head sizing, element size, wrap p % W, visible keys
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed000_layers_never_alias(backend, rng):
+    """40 layers (seed 000's model) of a tiny width, written past the wrap: every layer keeps its own K/V (V of layer
+    l is l + 1, so its attention output is exactly l + 1), and shapes' per-layer byte offsets are distinct, equal the
+    storage strides and point at that layer's data (seed 000 bound every layer at offset 0)."""
+    layers, window, n = 40, 3, 7
+    shape = CacheShape(layers=layers, q_heads=2, kv_heads=1, head_dim=2)
+    cache = kvref.RingCache(shape, batch=1, window=window, backend=backend)
+    k = (rng.standard_normal((n, layers, 1, 1, 1, 2)) + np.arange(layers)[:, None, None, None, None]).astype(
+        np.float32)
+    for p in range(n):
+        step = cache.plan(1)
+        for layer in range(layers):
+            cache.write(step, layer, k[p, layer], np.full((1, 1, 1, 2), layer + 1, np.float32))
+        for layer in (0, 1, layers // 2, layers - 1):
+            out = cache.attend(step, layer, rng.standard_normal((1, 1, 2, 2)).astype(np.float32))
+            np.testing.assert_allclose(out, layer + 1, rtol=1e-6)
+        cache.advance(step)
+    buf = cache.kv
+    raw = buf.reshape(-1).view(np.uint8)
+    half = shapes.layer_bytes(shape, 1, window) // 2
+    offsets = [shapes.layer_offset(shape, 1, window, layer) for layer in range(layers)]
+    assert len(set(offsets)) == layers and offsets == [layer * buf.strides[0] for layer in range(layers)]
+    for layer in range(layers):
+        held = k[n - window:, layer, 0, 0, 0]  # positions 4, 5, 6 of this layer, (3, 2)
+        assert np.array_equal(cache.keys(layer)[0], held)
+        assert np.all(cache.values(layer) == layer + 1)
+        assert shapes.v_offset(shape, 1, window, layer) - shapes.k_offset(shape, 1, window, layer) == buf.strides[1]
+        k_block = raw[shapes.k_offset(shape, 1, window, layer):][:half].view(np.float32).reshape(window, 2)
+        v_block = raw[shapes.v_offset(shape, 1, window, layer):][:half].view(np.float32).reshape(window, 2)
+        assert np.array_equal(k_block[[p % window for p in range(n - window, n)]], held)
+        assert np.all(v_block == layer + 1)
+
+
+def test_seed000_ring_sized_by_kv_heads():
+    """Phi-4 (40 layers, 40 query heads, 10 KV heads, head_dim 128): a ring of W slots is
+    2 * layers * batch * kv_heads * W * head_dim * bytes, 4x smaller than seed 000's HEADS = 40 sizing."""
+    shape = kvref.preset("phi-4")  # fp16
+    assert (shape.layers, shape.q_heads, shape.kv_heads, shape.head_dim) == (40, 40, 10, 128)
+    window = 4096
+    right = 2 * 40 * 1 * 10 * window * 128 * 2
+    assert memory.cache_bytes(shape, 1, window) == right
+    assert memory.wrong_heads_bytes(shape, 1, window) == 4 * right
+    small = kvref.RingCache(shape, batch=1, window=4, backend="python")  # a real allocation, kept small
+    assert small.nbytes == memory.cache_bytes(shape, 1, 4) == 2 * 40 * 10 * 4 * 128 * 2
+    assert small.nbytes * (window // 4) == right
+    assert small.kv.shape == (40, 2, 1, 10, 4, 128), "one block per KV head, not per query head"
+
+
+def test_seed000_ring_wraps_modulo_window(backend, rng):
+    """Seed 000 wrote at seq_pos * HEAD_DIM with no wrap; the fix is slot p % W. After 2W + 3 tokens (W = 5,
+    positions 0 .. 12) the ring holds the last W positions, position p in slot p % W: slots [10, 11, 12, 8, 9]."""
+    window = 5
+    n = 2 * window + 3
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=4)
+    cache = kvref.RingCache(shape, batch=2, window=window, backend=backend)
+    k = rng.standard_normal((2, 2, n, 2, 4)).astype(np.float32)
+    cache.append(k[:, :, :4], k[:, :, :4])  # seq 0 and 1: a chunk, then decode steps across the wrap
+    for p in range(4, n):
+        cache.append(k[:, :, p:p + 1], k[:, :, p:p + 1])
+    expected = [10, 11, 12, 8, 9]
+    assert expected == [max(p for p in range(n) if p % window == slot) for slot in range(window)]
+    assert np.array_equal(cache.slot_positions, np.broadcast_to(expected, (2, 2, window)))
+    model = oracle.RingModel(2, 2, window)
+    for layer in range(2):
+        for s in range(2):
+            model.append(layer, s, k[layer, s], k[layer, s])
+    for layer in range(2):
+        for s in range(2):
+            assert cache.held_positions(s, layer).tolist() == model.held(s) == list(range(8, 13))
+            for slot, p in enumerate(expected):
+                assert np.array_equal(cache.kv[layer, 0, s, :, slot], k[layer, s, p])
+
+
+def test_seed000_visible_keys_after_wrap(backend, rng):
+    """Seed 000 left open which keys a query sees once the ring has wrapped: the query at p sees exactly
+    p - W + 1 .. p (W keys, itself included). Checked by kvref.visible and by the attention output, which equals the
+    oracle over those keys and differs from the W + 1 and W - 1 key off-by-ones."""
+    window, p = 4, 10
+    shape = CacheShape(layers=1, q_heads=2, kv_heads=1, head_dim=8)
+    cache = kvref.RingCache(shape, batch=1, window=window, backend=backend)
+    k = rng.standard_normal((1, 1, p + 1, 1, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 1, p + 1, 1, 8)).astype(np.float32)
+    q = rng.standard_normal((1, 1, 2, 8)).astype(np.float32)
+    cache.append(k[:, :, :p], v[:, :, :p])
+    assert [j for j in range(-1, p + 3) if kvref.visible(p, j, window)] == [7, 8, 9, 10]
+    assert oracle.window_keys(p, window) == [7, 8, 9, 10]
+    step = cache.plan(1)
+    cache.write(step, 0, k[0, :, p:], v[0, :, p:])
+    out = cache.attend(step, 0, q)[0, 0]
+    # the slots (including the step just written, not yet committed) hold exactly the W visible positions
+    assert sorted(int(j) for j in cache.slot_positions[0, 0] if kvref.visible(p, j, window)) == [7, 8, 9, 10]
+    keys, values = k[0, 0, :, 0].astype(np.float64), v[0, 0, :, 0].astype(np.float64)
+
+    def over(positions):
+        return oracle.decode_attention_gqa(q[0, 0], keys[None, positions], values[None, positions], scale_of(shape))
+
+    np.testing.assert_allclose(out, over([7, 8, 9, 10]), rtol=0, atol=1e-5)
+    assert not np.allclose(out, over([6, 7, 8, 9, 10]), atol=1e-3), "W + 1 keys (FlashAttention's (W, W))"
+    assert not np.allclose(out, over([8, 9, 10]), atol=1e-3), "W - 1 keys"
+
+
+def test_seed000_element_size():
+    """Seed 000 was unsure whether an element is 2 or 4 bytes. The ring's storage: 2 for fp16, 4 for fp32, and nbytes
+    counts exactly that (the slot positions are int64 metadata, reported separately)."""
+    for dtype, size in (("float16", 2), ("float32", 4)):
+        shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8, dtype=dtype)
+        cache = kvref.RingCache(shape, batch=3, window=5, backend="python")
+        assert shape.element_bytes == size == cache.kv.itemsize
+        assert cache.nbytes == 2 * 2 * 3 * 2 * 5 * 8 * size == memory.cache_bytes(shape, 3, 5)
+        stats = cache.stats()
+        assert stats["element_bytes"] == size and stats["nbytes"] == cache.nbytes
+        assert stats["position_bytes"] == 2 * 3 * 5 * 8
+        cache.append(np.ones((2, 3, 7, 2, 8), dtype), np.ones((2, 3, 7, 2, 8), dtype))
+        assert cache.keys(0, 1).dtype == np.dtype(dtype) and cache.nbytes == 2 * 2 * 3 * 2 * 5 * 8 * size

@@ -129,7 +129,7 @@ def test_strided_write_threads_and_partial_attend_blocks(rng, monkeypatch):
     """Launch shapes other than the default: write threads striding over head_dim (as for head_dim > 1024), and an
     attend grid of several blocks whose last one is only partly used."""
     monkeypatch.setattr(cuda_flat, "MAX_BLOCK_THREADS", 8)  # 8 threads, 4 elements each
-    monkeypatch.setattr(cuda_flat, "ATTEND_THREADS", 3)  # 2 * 3 * 2 = 12 items -> blocks of 3; 5 * 2 * 2 = 20 -> 7
+    monkeypatch.setattr(kvref.cuda, "ATTEND_THREADS", 3)  # 2 * 3 * 2 = 12 items -> blocks of 3; 5 * 2 * 2 = 20 -> 7
     spec, dev = _pair("float32", 4, 2)
     for n_tokens in (3, 5):
         step_s, step_d = spec.plan(n_tokens), dev.plan(n_tokens)
