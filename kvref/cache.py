@@ -105,6 +105,11 @@ class CacheBase:
         s = self.shape
         return 2 * s.layers * s.kv_heads * s.head_dim * s.element_bytes
 
+    def _stats_head(self):
+        """The part of ``stats()`` every variant shares: which cache, backend, layout and dtype."""
+        return {"variant": self.variant, "backend": self.backend, "layout": "head_major", "dtype": self.shape.dtype,
+                "element_bytes": self.shape.element_bytes, "batch": self.batch}
+
     def get_seq_length(self, seq=0):
         """Tokens seen by sequence ``seq`` (its next token goes to this position)."""
         check_index("seq", seq, self.batch)

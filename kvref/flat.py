@@ -162,12 +162,7 @@ class FlatCache(CacheBase):
         used = int(self._lengths.sum())
         capacity = self.batch * self.max_tokens
         return {
-            "variant": self.variant,
-            "backend": self.backend,
-            "layout": "head_major",
-            "dtype": self.shape.dtype,
-            "element_bytes": self.shape.element_bytes,
-            "batch": self.batch,
+            **self._stats_head(),
             "max_tokens": self.max_tokens,
             "lengths": self._lengths.tolist(),
             "tokens_used": used,

@@ -276,12 +276,7 @@ class RingCache(CacheBase):
         held = np.minimum(self._lengths, self.window)
         pending = sum(int(k.nbytes) + int(v.nbytes) for k, v in self._pending.values())
         return {
-            "variant": self.variant,
-            "backend": self.backend,
-            "layout": "head_major",
-            "dtype": self.shape.dtype,
-            "element_bytes": self.shape.element_bytes,
-            "batch": self.batch,
+            **self._stats_head(),
             "window": self.window,
             "sinks": self.sinks,
             "lengths": self._lengths.tolist(),

@@ -153,27 +153,14 @@ def window_chunk_attention(q, k, v, positions, window, scale, sinks=0):
     return out
 
 
-class RingModel:
+class RingModel(FlatModel):
     """A list model of a ring cache: every row ever appended is kept (unwrapped), rows[layer][seq] a Python list of
     (k_row, v_row), each (Hkv, D). What a ring of W slots with S sinks *holds* is ``held(seq)``: the first S
     positions and the last W - S. Nothing here knows about slots."""
 
     def __init__(self, layers, batch, window, sinks=0):
-        self.layers, self.batch, self.window, self.sinks = layers, batch, window, sinks
-        self.rows = [[[] for _ in range(batch)] for _ in range(layers)]
-
-    def length(self, seq):
-        lengths = {len(self.rows[layer][seq]) for layer in range(self.layers)}
-        assert len(lengths) == 1, "all layers of a sequence hold the same number of tokens"
-        return lengths.pop()
-
-    def lengths(self):
-        return [self.length(s) for s in range(self.batch)]
-
-    def append(self, layer, seq, k_rows, v_rows):
-        """k_rows, v_rows: (T, Hkv, D) new tokens of one sequence for one layer."""
-        for k_row, v_row in zip(k_rows, v_rows):
-            self.rows[layer][seq].append((np.array(k_row, dtype=np.float64), np.array(v_row, dtype=np.float64)))
+        super().__init__(layers, batch, max_tokens=None)
+        self.window, self.sinks = window, sinks
 
     def held(self, seq):
         """Positions the ring holds for ``seq`` (the keys the next query, at position length, sees minus itself)."""
@@ -196,11 +183,6 @@ class RingModel:
         if not picked:
             return None
         return np.stack(picked, axis=1)
-
-    def reset(self, seq=None):
-        for layer in range(self.layers):
-            for s in range(self.batch) if seq is None else [seq]:
-                self.rows[layer][s].clear()
 
     def crop_allowed(self, target, seq):
         """A ring can crop exactly only if it has not wrapped, or the target is the length, or keeps only sinks."""

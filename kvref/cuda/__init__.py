@@ -48,6 +48,19 @@ ATTEND_THREADS = 64
 MAX_BLOCK_THREADS = 1024
 
 
+def kernel_signatures(kernels):
+    """Numba signatures of kernels for fp32 and uint16 (fp16 bits) storage: ``kernels`` maps a name to a function
+    ``args(storage, C)`` giving the argument types, where ``C(dtype, ndim)`` is a C-contiguous array type. Returns
+    {name: [void(args) for each storage dtype]}, what ``tests/test_ptx.py`` compiles."""
+    from numba.core import types
+
+    def contiguous(dtype, ndim):
+        return types.Array(dtype, ndim, "C")
+
+    return {name: [types.void(*args(storage, contiguous)) for storage in (types.float32, types.uint16)]
+            for name, args in kernels.items()}
+
+
 def attend_launch(n_items, group):
     """Launch shape and scratch of an attend kernel with one thread per work item (i, t, kv_head):
     ``(blocks, threads, work)``, work = (n_items, G, WORK_COLUMNS) float32, the scratch the spec gets from np.empty."""

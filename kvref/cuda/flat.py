@@ -33,7 +33,7 @@ import numpy as np
 from numba import cuda
 
 from .. import flat
-from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, on_device, result_array
+from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
 
 
 
@@ -66,18 +66,13 @@ _attend_kernel = cuda.jit(_attend_kernel_body)
 
 
 def _signatures():
-    """The signatures the launchers below use: fp32 and uint16 (fp16 bits) storage, C-contiguous arrays."""
-    from numba.core import types
+    """The signatures the launchers below use (C-contiguous arrays; storage float32 or uint16)."""
+    from numba.core.types import float32 as f32, int64 as i64
 
-    def c(dtype, ndim):
-        return types.Array(dtype, ndim, "C")
-
-    f32, i64 = types.float32, types.int64
-    write, attend = [], []
-    for storage in (types.float32, types.uint16):
-        write.append(types.void(c(storage, 6), i64, c(i64, 1), c(i64, 2), c(storage, 4), c(storage, 4)))
-        attend.append(types.void(c(storage, 6), i64, c(i64, 1), c(i64, 2), c(f32, 4), f32, c(f32, 4), c(f32, 3)))
-    return {"write": write, "attend": attend}
+    return kernel_signatures({
+        "write": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(s, 4), C(s, 4)),
+        "attend": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4), C(f32, 3)),
+    })
 
 
 #: every kernel of this module: name -> (plain Python body, [numba signatures it is launched with])

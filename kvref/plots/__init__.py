@@ -155,6 +155,15 @@ def reference_attention(q, keys, values, positions, scale, window=0, sinks=0):
     return out
 
 
+def random_step_inputs(rng, shape, n_seq, num_tokens):
+    """Random k, v (n_seq, T, kv_heads, head_dim) in the cache's dtype and q (n_seq, T, q_heads, head_dim) float32."""
+    kv_dims = (n_seq, num_tokens, shape.kv_heads, shape.head_dim)
+    k = rng.standard_normal(kv_dims).astype(shape.public_dtype)
+    v = rng.standard_normal(kv_dims).astype(shape.public_dtype)
+    q = rng.standard_normal((n_seq, num_tokens, shape.q_heads, shape.head_dim)).astype(np.float32)
+    return k, v, q
+
+
 def backend_max_error(backend, dtype="float32", seed=0):
     """Max |attend - reference| over a small run of one backend: two sequences of different lengths, a chunked
     prefill, a step for one sequence only, then decode steps; every layer, every step. Returns a float."""
@@ -168,10 +177,7 @@ def backend_max_error(backend, dtype="float32", seed=0):
         n = len(seq_ids)
         outs = []
         for layer in range(shape.layers):
-            kv_dims = (n, num_tokens, shape.kv_heads, shape.head_dim)
-            k = rng.standard_normal(kv_dims).astype(shape.public_dtype)
-            v = rng.standard_normal(kv_dims).astype(shape.public_dtype)
-            q = rng.standard_normal((n, num_tokens, shape.q_heads, shape.head_dim)).astype(np.float32)
+            k, v, q = random_step_inputs(rng, shape, n, num_tokens)
             cache.write(step, layer, k, v)
             outs.append((layer, q, cache.attend(step, layer, q)))
         cache.advance(step)  # keys()/values() return the stored rows up to the (new) length
@@ -201,10 +207,7 @@ def ring_backend_max_error(backend, dtype="float32", seed=0, window=6, sinks_opt
             step = cache.plan(num_tokens, seq_ids)
             n = len(seq_ids)
             for layer in range(shape.layers):
-                kv_dims = (n, num_tokens, shape.kv_heads, shape.head_dim)
-                k = rng.standard_normal(kv_dims).astype(shape.public_dtype)
-                v = rng.standard_normal(kv_dims).astype(shape.public_dtype)
-                q = rng.standard_normal((n, num_tokens, shape.q_heads, shape.head_dim)).astype(np.float32)
+                k, v, q = random_step_inputs(rng, shape, n, num_tokens)
                 cache.write(step, layer, k, v)
                 out = cache.attend(step, layer, q)
                 for i, seq in enumerate(seq_ids):
