@@ -21,6 +21,7 @@ from kvref.errors import (BackendUnavailableError, CacheOverflowError, DTypeErro
                           ShapeError, StaleStepError)
 
 import oracle
+from snapshots import assert_state_equal
 
 BACKENDS = ("python", "cpu")  # the same list as the ``backend`` fixture in conftest.py
 
@@ -113,17 +114,6 @@ def check_stored(cache, model):
                     assert np.array_equal(got.astype(np.float64), want), f"layer {layer}, seq {s}"
 
 
-def assert_state_equal(before, after):
-    """Deep, bitwise comparison of two cache.state() snapshots."""
-    assert before.keys() == after.keys()
-    for key in before:
-        a, b = before[key], after[key]
-        if isinstance(a, np.ndarray):
-            assert isinstance(b, np.ndarray), key
-            assert a.dtype == b.dtype and a.shape == b.shape, key
-            assert a.tobytes() == b.tobytes(), f"state[{key!r}] changed"
-        else:
-            assert a == b, f"state[{key!r}] changed: {a!r} -> {b!r}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

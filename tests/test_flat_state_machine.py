@@ -18,6 +18,7 @@ import kvref
 from kvref.errors import CacheOverflowError, IndexOutOfRangeError
 
 import oracle
+from snapshots import assert_state_equal
 
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
 BATCH, MAX_TOKENS = 3, 10
@@ -28,15 +29,6 @@ seq_subsets = st.lists(st.integers(0, BATCH - 1), min_size=1, max_size=BATCH, un
 one_or_all = st.none() | st.integers(0, BATCH - 1)
 
 
-def assert_state_equal(before, after):
-    assert before.keys() == after.keys()
-    for key in before:
-        a, b = before[key], after[key]
-        if isinstance(a, np.ndarray):
-            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), key
-            assert a.tobytes() == b.tobytes(), key
-        else:
-            assert a == b, key
 
 
 class FlatCacheMachine(RuleBasedStateMachine):

@@ -26,6 +26,7 @@ from kvref import ring as kvring
 from kvref.errors import DTypeError, IndexOutOfRangeError, KVCacheError, ShapeError, StaleStepError
 
 import oracle
+from snapshots import assert_state_equal, values_equal
 
 BACKENDS = ("python", "cpu")  # the same list as the ``backend`` fixture in conftest.py
 DTYPES = ("float32", "float16")
@@ -50,23 +51,8 @@ def expected_deferred(lengths, num_tokens, window):
     return any(num_tokens >= 2 and n + num_tokens - 1 >= window for n in lengths)
 
 
-def values_equal(a, b):
-    """Deep, bitwise equality of two cache.state() values (arrays, dicts, tuples, lists, scalars)."""
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and a.tobytes() == b.tobytes())
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
-def assert_state_equal(before, after):
-    """Deep, bitwise comparison of two cache.state() snapshots, naming the first entry that differs."""
-    assert before.keys() == after.keys()
-    for key in before:
-        assert values_equal(before[key], after[key]), f"state[{key!r}] changed: {before[key]!r} -> {after[key]!r}"
 
 
 def test_state_comparison_helper_notices_changes():

@@ -21,6 +21,7 @@ import kvref
 from kvref.errors import DTypeError, IndexOutOfRangeError, StaleStepError
 
 import oracle
+from snapshots import assert_state_equal, values_equal
 
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
 BATCH = 3
@@ -31,16 +32,6 @@ seq_subsets = st.lists(st.integers(0, BATCH - 1), min_size=1, max_size=BATCH, un
 one_or_all = st.none() | st.integers(0, BATCH - 1)
 
 
-def values_equal(a, b):
-    """Deep, bitwise equality of cache.state() values (arrays, dicts, tuples, lists, scalars)."""
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and a.tobytes() == b.tobytes())
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def slot_of(p, window, sinks):
