@@ -21,7 +21,7 @@ import kvref
 from kvref.errors import DTypeError, IndexOutOfRangeError, StaleStepError
 
 import oracle
-from snapshots import assert_state_equal, values_equal
+from snapshots import values_equal
 
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
 BATCH = 3
