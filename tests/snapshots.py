@@ -1,6 +1,9 @@
 """Comparing cache.state() snapshots: a failed call must leave a cache exactly as it was."""
 
 import numpy as np
+import pytest
+
+from kvref import KVCacheError
 
 
 def values_equal(a, b):
@@ -20,3 +23,19 @@ def assert_state_equal(before, after):
     assert before.keys() == after.keys()
     for key in before:
         assert values_equal(before[key], after[key]), f"state[{key!r}] changed: {before[key]!r} -> {after[key]!r}"
+
+
+def run_bad_call(cache, setup, error, argument):
+    """``setup(cache)`` returns a call that must raise exactly ``error`` naming ``argument`` ("argument: expected
+    ..."), and leave ``cache.state()`` bitwise unchanged. Returns the exception."""
+    thunk = setup(cache)
+    before = cache.state()
+    with pytest.raises(error) as info:
+        thunk()
+    exc = info.value
+    assert type(exc) is error, f"expected exactly {error.__name__}, got {type(exc).__name__}"
+    assert isinstance(exc, KVCacheError)
+    assert exc.argument == argument
+    assert str(exc).startswith(f"{argument}: expected "), str(exc)
+    assert_state_equal(before, cache.state())
+    return exc

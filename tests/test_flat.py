@@ -21,7 +21,7 @@ from kvref.errors import (BackendUnavailableError, CacheOverflowError, DTypeErro
                           ShapeError, StaleStepError)
 
 import oracle
-from snapshots import assert_state_equal
+from snapshots import assert_state_equal, run_bad_call
 
 BACKENDS = ("python", "cpu")  # the same list as the ``backend`` fixture in conftest.py
 
@@ -573,29 +573,16 @@ BAD_CALLS_FP16 = [
 ]
 
 
-def _run_bad_call(cache, setup, error, argument):
-    thunk = setup(cache)
-    before = cache.state()
-    with pytest.raises(error) as info:
-        thunk()
-    exc = info.value
-    assert type(exc) is error, f"expected exactly {error.__name__}, got {type(exc).__name__}"
-    assert isinstance(exc, KVCacheError)
-    assert exc.argument == argument
-    assert str(exc).startswith(f"{argument}: expected "), str(exc)
-    assert_state_equal(before, cache.state())
-    return exc
-
 
 @pytest.mark.parametrize("setup, error, argument", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises_and_changes_nothing(backend, setup, error, argument):
-    _run_bad_call(filled_cache(backend), setup, error, argument)
+    run_bad_call(filled_cache(backend), setup, error, argument)
 
 
 @pytest.mark.parametrize("setup, error, argument", [c[1:] for c in BAD_CALLS_FP16],
                          ids=[c[0] for c in BAD_CALLS_FP16])
 def test_bad_input_fp16_raises_and_changes_nothing(backend, setup, error, argument):
-    _run_bad_call(filled_cache(backend, "float16"), setup, error, argument)
+    run_bad_call(filled_cache(backend, "float16"), setup, error, argument)
 
 
 def test_failed_calls_leave_a_working_cache(backend, rng):
@@ -633,7 +620,7 @@ def test_step_from_another_cache_is_rejected(backend):
     b.append(k, k)
     b.append(k[:, :1, :1], k[:, :1, :1], seq_ids=[1])  # lengths [6, 7]; with per-cache counters also version 2
     foreign = b.plan(1, [0])
-    _run_bad_call(a, lambda c: lambda: c.write(foreign, 0, arr(c, 1), arr(c, 1)), StaleStepError, "step")
+    run_bad_call(a, lambda c: lambda: c.write(foreign, 0, arr(c, 1), arr(c, 1)), StaleStepError, "step")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from kvref import ring as kvring
 from kvref.errors import DTypeError, IndexOutOfRangeError, KVCacheError, ShapeError, StaleStepError
 
 import oracle
-from snapshots import assert_state_equal, values_equal
+from snapshots import assert_state_equal, values_equal, run_bad_call
 
 BACKENDS = ("python", "cpu")  # the same list as the ``backend`` fixture in conftest.py
 DTYPES = ("float32", "float16")
@@ -861,33 +861,20 @@ BAD_CALLS_FP16 = [
 ]
 
 
-def _run_bad_call(cache, setup, error, argument):
-    thunk = setup(cache)
-    before = cache.state()
-    with pytest.raises(error) as info:
-        thunk()
-    exc = info.value
-    assert type(exc) is error, f"expected exactly {error.__name__}, got {type(exc).__name__}"
-    assert isinstance(exc, KVCacheError)
-    assert exc.argument == argument
-    assert str(exc).startswith(f"{argument}: expected "), str(exc)
-    assert_state_equal(before, cache.state())
-    return exc
-
 
 @pytest.mark.parametrize("setup, error, argument", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises_and_changes_nothing(backend, setup, error, argument):
-    _run_bad_call(filled_ring(backend), setup, error, argument)
+    run_bad_call(filled_ring(backend), setup, error, argument)
 
 
 @pytest.mark.parametrize("setup, error, argument", [c[1:] for c in BAD_CALLS_FP16],
                          ids=[c[0] for c in BAD_CALLS_FP16])
 def test_bad_input_fp16_raises_and_changes_nothing(setup, error, argument):
-    _run_bad_call(filled_ring("cpu", "float16"), setup, error, argument)
+    run_bad_call(filled_ring("cpu", "float16"), setup, error, argument)
 
 
 def test_crop_after_wrap_message_says_why(backend):
-    exc = _run_bad_call(filled_ring(backend), lambda c: lambda: c.crop(3), IndexOutOfRangeError, "max_length")
+    exc = run_bad_call(filled_ring(backend), lambda c: lambda: c.crop(3), IndexOutOfRangeError, "max_length")
     assert "wrapped" in str(exc) and "nothing was changed" in str(exc)
 
 
@@ -982,11 +969,11 @@ def test_step_from_another_cache_is_refused(backend):
     a = filled_ring(backend)
     b = filled_ring(backend)  # same shape, same lengths: the steps would look alike
     foreign = b.plan(1)
-    _run_bad_call(a, lambda c: lambda: c.write(foreign, 0, arr(c), arr(c)), StaleStepError, "step")
+    run_bad_call(a, lambda c: lambda: c.write(foreign, 0, arr(c), arr(c)), StaleStepError, "step")
     step = a.plan(1)
     for layer in range(LAYERS):
         a.write(step, layer, arr(a), arr(a))
-    _run_bad_call(a, lambda c: lambda: c.advance(foreign), StaleStepError, "step")
+    run_bad_call(a, lambda c: lambda: c.advance(foreign), StaleStepError, "step")
 
 
 GOOD_SHAPE = kvref.CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8)
