@@ -38,6 +38,10 @@ class CacheOverflowError(KVCacheError):
     """Writing the requested tokens would go past the cache's capacity. Nothing was written."""
 
 
+class NonFiniteError(KVCacheError, ValueError):
+    """An input that must be quantized holds NaN or inf, which ggml's formats cannot represent. Nothing was written."""
+
+
 class StaleStepError(KVCacheError):
     """A planned step no longer matches the cache (it was already applied, or the cache changed since)."""
 

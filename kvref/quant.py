@@ -1,0 +1,341 @@
+"""ggml's quantized block formats, byte for byte: the spec of quantize, dequantize and the in-attention decode.
+
+Every format cuts a row of floats into blocks of **32 elements** and stores each block as a few bytes of scale
+(IEEE fp16, little-endian) followed by the packed integer codes. The bytes are exactly those of ggml's reference
+quantizers (``quantize_row_*_ref`` in ``ggml-quants.c``) and of the ``gguf`` package's NumPy port, which the tests
+use as the oracle::
+
+    q8_0  | d:f16 | qs: 32 x int8                   |                 34 bytes   8.5 bits/elem
+    q4_0  | d:f16 | qs: 16 bytes of nibbles          |                 18 bytes   4.5 bits/elem
+    q4_1  | d:f16 | m:f16 | qs: 16 bytes             |                 20 bytes   5.0 bits/elem
+    q5_0  | d:f16 | qh: u32 (5th bits) | qs: 16 bytes |                22 bytes   5.5 bits/elem
+    q5_1  | d:f16 | m:f16 | qh: u32 | qs: 16 bytes   |                 24 bytes   6.0 bits/elem
+
+**Nibble order** (q4_*, q5_*): byte j of ``qs`` holds element j in its low nibble and element j + 16 in its high
+nibble, ``qs[j] = q[j] | q[j+16] << 4`` for j = 0..15. Adjacent elements are *not* paired. For q5_*, the 5th bit of
+element j is bit j of ``qh`` read as a little-endian uint32.
+
+**Formulas** (x = one block of 32 float32; ``d`` is computed in float32, *stored* as fp16, and ``id = 1/d`` uses the
+float32 ``d``, not the stored one; ``id = 0`` when ``d = 0``)::
+
+    q8_0   amax = max |x_j|           d = amax / 127       q_j = roundf(x_j * id)                 x~ = q * d
+    q4_0   M = the x_j of largest |x_j| (the first on ties, sign kept)
+                                      d = M / -8           q_j = min(15, trunc(x_j * id + 8.5))   x~ = (q - 8) * d
+    q4_1   lo = min x, hi = max x     d = (hi - lo) / 15   q_j = min(15, trunc((x_j - lo) * id + 0.5))
+                                      m = lo                                                      x~ = q * d + m
+    q5_0   as q4_0 with 16 / 31:      d = M / -16          q_j = min(31, trunc(x_j * id + 16.5))  x~ = (q - 16) * d
+    q5_1   as q4_1 with 31:           d = (hi - lo) / 31   q_j = min(31, trunc((x_j - lo) * id + 0.5))
+
+where ``roundf`` rounds halves *away from zero* (C's ``roundf``; Python's ``round`` and ``np.round`` round halves to
+even, so the spec writes ``copysign(floor(|v| + 0.5), v)``) and ``trunc`` is C's cast to an integer. Every product
+and sum above is a float32 operation, rounded on its own. (NVVM would fuse ``x * id + 8.5`` into one FMA with a
+single rounding, which changes 9 of the q4_0 codes ggml produces; the spec multiplies with :func:`mul_rn`, which the
+CUDA backend maps to an unfused multiply.)
+
+**Error bounds** (``../shared/reference/quant_and_ring_facts.md`` §4, tested): q8_0 ``|x - x~| <= amax/254`` plus the
+fp16 rounding of d (``127 * |d - fp16(d)|``); q4_0 ``<= amax/8``: the extreme M maps exactly to -8 d, but a value of
+the opposite sign and the same magnitude can only reach +7 d (the clamp); q4_1 ``<= range/30`` plus the rounding of
+d and m.
+
+**Non-finite input** (NaN, +-inf) has no meaning in these formats: ggml's result is undefined behaviour in C.
+kvref rejects it: :func:`quantize` and the two-tier cache's ``write`` raise :class:`kvref.errors.NonFiniteError`
+naming the argument and the first bad index, before any compiled code runs, so every backend behaves the same.
+A block so small that ``1/d`` overflows float32 (max |x| below about 3.7e-37; its fp16 scale is 0, so it
+dequantizes to zeros whatever the codes) gets ``id = 0``, the all-zero block's codes.
+
+**Attention without a float copy** (:func:`block_codes`): decode attention reads one block at a time, turns its 32
+codes into float32 *code values* c_j (q8_0: the int8; q4_0: nibble - 8; q4_1: nibble; ...), and uses
+``x~_j = d * c_j + m``. A dot product with a query block is then ``d * sum_j q_j c_j + m * sum_j q_j``: the scale is
+applied once per block, not once per element (``kvref.attention.attend_quantized_rows``).
+
+The functions marked ``@register_jitable`` are the spec: plain Python here, compiled by ``kvref/cpu/quant.py`` and
+called from the CUDA kernels of ``kvref/cuda/quant.py``.
+"""
+
+import math
+
+import numpy as np
+from numba.extending import register_jitable
+
+from .errors import DTypeError, NonFiniteError, ShapeError
+from .fp16 import f16_bits_to_f32, f32_to_f16_bits
+
+__all__ = ["BLOCK", "FORMATS", "GGML_TYPES", "block_codes", "dequantize", "quantize", "row_bytes"]
+
+#: elements per block, for every format here
+BLOCK = 32
+
+#: format name -> (block size in elements, bytes per block, bits per element)
+FORMATS = {
+    "q8_0": (32, 34, 8.5),
+    "q4_0": (32, 18, 4.5),
+    "q4_1": (32, 20, 5.0),
+    "q5_0": (32, 22, 5.5),
+    "q5_1": (32, 24, 6.0),
+}
+
+#: format name -> ggml's type number (``enum ggml_type``, also ``gguf.GGMLQuantizationType``); compiled code takes
+#: the format as this integer
+GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spec: small primitives
+# ---------------------------------------------------------------------------------------------------------------
+@register_jitable
+def mul_rn(a, b):
+    """a * b rounded to float32 on its own. (The CUDA backend overloads this with an unfused multiply, so that
+    ``mul_rn(a, b) + c`` never becomes an FMA; see ``kvref/cuda/quant.py``.)"""
+    return a * b
+
+
+@register_jitable
+def roundf(v):
+    """C's ``roundf``: to the nearest integer, halves away from zero (float64 arithmetic, exact for float32 v)."""
+    return math.copysign(math.floor(math.fabs(v) + 0.5), v)
+
+
+@register_jitable
+def inverse(d):
+    """``id = 1/d`` as ggml computes it: 0 when d = 0, and 0 when 1/d overflows float32 (a block below ~3.7e-37)."""
+    if d == 0:
+        return np.float32(0.0)
+    inv = np.float32(1.0) / d
+    if math.isinf(inv):
+        return np.float32(0.0)
+    return inv
+
+
+@register_jitable
+def store_f16(blocks, offset, x):
+    """Write float32 x as an fp16 little-endian pair of bytes at ``blocks[offset:offset + 2]``."""
+    bits = int(f32_to_f16_bits(x))
+    blocks[offset] = bits & 0xFF
+    blocks[offset + 1] = bits >> 8
+
+
+@register_jitable
+def load_f16(blocks, offset):
+    """The fp16 at ``blocks[offset:offset + 2]`` (little-endian) as float32."""
+    return f16_bits_to_f32(np.uint16(int(blocks[offset]) | (int(blocks[offset + 1]) << 8)))
+
+
+@register_jitable
+def signed_byte(b):
+    """A stored byte (uint8) read as int8: 0..127 stay, 128..255 become -128..-1."""
+    return (int(b) ^ 0x80) - 0x80
+
+
+@register_jitable
+def layout(fmt):
+    """Byte offsets inside a block: (offset of m or -1, offset of qh or -1, offset of qs, bytes per block)."""
+    if fmt == Q8_0:
+        return -1, -1, 2, 34
+    if fmt == Q4_0:
+        return -1, -1, 2, 18
+    if fmt == Q4_1:
+        return 2, -1, 4, 20
+    if fmt == Q5_0:
+        return -1, 2, 6, 22
+    return 2, 4, 8, 24  # Q5_1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spec: one block
+# ---------------------------------------------------------------------------------------------------------------
+@register_jitable
+def quantize_block(x, fmt, block):
+    """Quantize the 32 floats ``x`` into the bytes ``block`` (formulas above)."""
+    m_at, qh_at, qs_at, block_bytes = layout(fmt)
+    qs = block[qs_at:block_bytes]
+    if fmt == Q8_0:
+        amax = np.float32(0.0)
+        for j in range(BLOCK):
+            amax = max(amax, abs(x[j]))
+        d = amax / np.float32(127.0)
+        inv = inverse(d)
+        store_f16(block, 0, d)
+        for j in range(BLOCK):
+            qs[j] = int(roundf(x[j] * inv)) & 0xFF
+        return
+    levels = 15 if (fmt == Q4_0 or fmt == Q4_1) else 31  # the largest code
+    if fmt == Q4_0 or fmt == Q5_0:  # symmetric: the signed extreme maps to the lowest code
+        amax = np.float32(0.0)
+        extreme = np.float32(0.0)
+        for j in range(BLOCK):
+            if abs(x[j]) > amax:
+                amax = abs(x[j])
+                extreme = x[j]
+        half = np.float32(8.0) if fmt == Q4_0 else np.float32(16.0)  # 8 or 16: the code of zero
+        d = extreme / -half
+        low = np.float32(0.0)
+        bias = half + np.float32(0.5)
+    else:  # affine: min and max map to codes 0 and `levels`
+        low = x[0]
+        high = x[0]
+        for j in range(1, BLOCK):
+            low = min(low, x[j])
+            high = max(high, x[j])
+        d = (high - low) / np.float32(levels)
+        bias = np.float32(0.5)
+        store_f16(block, m_at, low)
+    inv = inverse(d)
+    store_f16(block, 0, d)
+    high_bits = 0
+    for j in range(BLOCK // 2):
+        lo_code = min(levels, int(mul_rn(x[j] - low, inv) + bias))  # int() truncates, as C's cast
+        hi_code = min(levels, int(mul_rn(x[j + 16] - low, inv) + bias))
+        qs[j] = (lo_code & 0x0F) | ((hi_code & 0x0F) << 4)
+        high_bits |= ((lo_code >> 4) << j) | ((hi_code >> 4) << (j + 16))
+    if qh_at >= 0:
+        for k in range(4):
+            block[qh_at + k] = (high_bits >> (8 * k)) & 0xFF
+
+
+@register_jitable
+def block_codes(block, fmt, codes):
+    """Decode one block of bytes: fill ``codes[0:32]`` with the float32 code values c_j and return (d, m), so that
+    element j is ``d * c_j + m`` (m = 0 for the symmetric formats). This is all attention needs of a block."""
+    m_at, qh_at, qs_at, block_bytes = layout(fmt)
+    d = load_f16(block, 0)
+    m = load_f16(block, m_at) if m_at >= 0 else np.float32(0.0)
+    qs = block[qs_at:block_bytes]
+    if fmt == Q8_0:
+        for j in range(BLOCK):
+            codes[j] = np.float32(signed_byte(qs[j]))
+        return d, m
+    high_bits = 0
+    if qh_at >= 0:
+        for k in range(4):
+            high_bits |= int(block[qh_at + k]) << (8 * k)
+    zero = 0  # the code of 0.0: 8 (q4_0), 16 (q5_0), none for the affine formats
+    if fmt == Q4_0:
+        zero = 8
+    elif fmt == Q5_0:
+        zero = 16
+    for j in range(BLOCK // 2):
+        byte = int(qs[j])
+        lo_code = (byte & 0x0F) | (((high_bits >> j) & 1) << 4)
+        hi_code = (byte >> 4) | (((high_bits >> (j + 16)) & 1) << 4)
+        codes[j] = np.float32(lo_code - zero)
+        codes[j + 16] = np.float32(hi_code - zero)
+    return d, m
+
+
+@register_jitable
+def dequantize_block(block, fmt, x, codes):
+    """Decode the bytes ``block`` into the 32 floats ``x``: ``x~_j = d * c_j (+ m)`` in float32. ``codes`` is a
+    32-float scratch."""
+    d, m = block_codes(block, fmt, codes)
+    if fmt == Q4_1 or fmt == Q5_1:
+        for j in range(BLOCK):
+            x[j] = mul_rn(d, codes[j]) + m
+    else:
+        for j in range(BLOCK):
+            x[j] = d * codes[j]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spec: rows of blocks
+# ---------------------------------------------------------------------------------------------------------------
+@register_jitable
+def quantize_one(x, fmt, blocks, r, b):
+    """Quantize block b of row r: ``x[r, 32b:32b+32]`` -> ``blocks[r, b*B:(b+1)*B]`` (B bytes per block)."""
+    block_bytes = layout(fmt)[3]
+    quantize_block(x[r, b * BLOCK:(b + 1) * BLOCK], fmt, blocks[r, b * block_bytes:(b + 1) * block_bytes])
+
+
+@register_jitable
+def quantize_rows(x, fmt, blocks):
+    """x: (rows, n) float32 with n % 32 == 0 -> blocks: (rows, n/32 * B) uint8, ggml's blocks row by row."""
+    for r in range(x.shape[0]):
+        for b in range(x.shape[1] // BLOCK):
+            quantize_one(x, fmt, blocks, r, b)
+
+
+@register_jitable
+def dequantize_one(blocks, fmt, x, r, b, codes):
+    """Dequantize block b of row r into ``x[r, 32b:32b+32]``."""
+    block_bytes = layout(fmt)[3]
+    dequantize_block(blocks[r, b * block_bytes:(b + 1) * block_bytes], fmt, x[r, b * BLOCK:(b + 1) * BLOCK], codes)
+
+
+@register_jitable
+def dequantize_rows(blocks, fmt, x):
+    """blocks: (rows, n/32 * B) uint8 -> x: (rows, n) float32."""
+    codes = np.empty(BLOCK, np.float32)
+    for r in range(x.shape[0]):
+        for b in range(x.shape[1] // BLOCK):
+            dequantize_one(blocks, fmt, x, r, b, codes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API (host): validate, then run a backend's compiled rows
+# ---------------------------------------------------------------------------------------------------------------
+def format_id(fmt):
+    """ggml type number of format name ``fmt``; raises DTypeError for an unknown name."""
+    if fmt not in GGML_TYPES:
+        raise DTypeError("fmt", f"one of {sorted(FORMATS)}", repr(fmt))
+    return GGML_TYPES[fmt]
+
+
+def row_bytes(n, fmt):
+    """Bytes of one row of n elements (n a multiple of 32) in format ``fmt``: n / 32 * bytes per block."""
+    format_id(fmt)
+    if n % BLOCK:
+        raise ShapeError("n", "a multiple of 32", n)
+    return n // BLOCK * FORMATS[fmt][1]
+
+
+def check_finite(name, a):
+    """Raise NonFiniteError naming ``name`` and the first NaN/inf index unless every element of a is finite."""
+    finite = np.isfinite(a)
+    if not finite.all():
+        index = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise NonFiniteError(name, "finite values (ggml formats cannot hold NaN or inf)",
+                             f"{a[index]!r} at index {index}")
+
+
+def _module(backend):
+    from .backends import backend_ops
+
+    return backend_ops("quant", backend)
+
+
+def quantize(x, fmt, backend="cpu"):
+    """Quantize float32 ``x`` (last dimension a multiple of 32) into ggml blocks: uint8 of shape
+    ``x.shape[:-1] + (x.shape[-1] / 32 * bytes_per_block,)``, byte-identical to ``gguf.quants.quantize``.
+
+    backend: "python" (the spec), "cpu" (numba.njit) or "cuda". Raises NonFiniteError for NaN/inf input.
+    """
+    fid = format_id(fmt)
+    if not isinstance(x, np.ndarray):
+        raise DTypeError("x", "a NumPy array", type(x).__name__)
+    if x.dtype != np.float32:
+        raise DTypeError("x", "dtype float32", x.dtype.name)
+    if x.ndim < 1 or x.shape[-1] % BLOCK:
+        raise ShapeError("x", "a last dimension that is a multiple of 32", x.shape)
+    check_finite("x", x)
+    rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    blocks = np.empty((rows.shape[0], row_bytes(x.shape[-1], fmt)), np.uint8)
+    _module(backend).quantize_rows(rows, fid, blocks)
+    return blocks.reshape(x.shape[:-1] + (blocks.shape[1],))
+
+
+def dequantize(blocks, fmt, shape, backend="cpu"):
+    """ggml blocks (uint8, rows of ``shape[-1] / 32`` blocks) -> float32 array of ``shape``, equal to
+    ``gguf.quants.dequantize``."""
+    fid = format_id(fmt)
+    shape = tuple(int(n) for n in shape)
+    if not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8:
+        raise DTypeError("blocks", "a uint8 NumPy array", getattr(blocks, "dtype", type(blocks).__name__))
+    if len(shape) < 1 or shape[-1] % BLOCK:
+        raise ShapeError("shape", "a last dimension that is a multiple of 32", shape)
+    expected = shape[:-1] + (row_bytes(shape[-1], fmt),)
+    if blocks.size != int(np.prod(expected)):
+        raise ShapeError("blocks", f"{int(np.prod(expected))} bytes (shape {expected})", blocks.shape)
+    rows = np.ascontiguousarray(blocks.reshape(-1, expected[-1]))
+    x = np.empty((rows.shape[0], shape[-1]), np.float32)
+    _module(backend).dequantize_rows(rows, fid, x)
+    return x.reshape(shape)
