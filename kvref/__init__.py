@@ -9,20 +9,21 @@ with ``numba.njit`` (``kvref.cpu``) and called from ``numba.cuda`` kernels (``kv
 >>> step = cache.plan(num_tokens=3)
 """
 
-from . import memory, shapes, toy
+from . import memory, quant, shapes, toy
 from .attention import default_scale, visible
 from .backends import backends
 from .errors import (BackendUnavailableError, CacheOverflowError, DTypeError, IndexOutOfRangeError, KVCacheError,
-                     ShapeError, StaleStepError)
+                     NonFiniteError, ShapeError, StaleStepError)
 from .cache import Step
 from .flat import FlatCache
 from .ring import RingCache
+from .two_tier import TwoTierCache
 from .shapes import PRESETS, CacheShape, preset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "CacheOverflowError", "CacheShape", "DTypeError", "FlatCache", "IndexOutOfRangeError",
-    "KVCacheError", "PRESETS", "ShapeError", "StaleStepError", "Step", "backends", "default_scale", "memory",
-    "RingCache", "preset", "shapes", "toy", "visible",
+    "KVCacheError", "NonFiniteError", "PRESETS", "ShapeError", "StaleStepError", "Step", "backends", "default_scale", "memory",
+    "RingCache", "TwoTierCache", "preset", "quant", "shapes", "toy", "visible",
 ]

@@ -33,9 +33,12 @@ and with S attention sinks (StreamingLLM) the first S positions stay visible as 
 How this maps onto FlashAttention's ``window_size_left``, Hugging Face's, llama.cpp's and Mistral's windows is
 tabulated in ``kvref/ring.py``, the cache built on it.
 
-A segment of key rows enters the softmax in one of two ways, sharing the tile update :func:`softmax_tile`:
+A segment of key rows enters the softmax in one of three ways, sharing the tile update (:func:`softmax_weights`,
+then the value rows):
 
 * :func:`attend_rows`: rows 0 .. n-1 are all visible (the flat cache: positions 0 .. p in order);
+* :func:`attend_quantized_rows`: rows 0 .. n-1 are all visible and stored as ggml blocks (the two-tier cache's
+  store); each block is decoded inside the loop, never into a float copy of the row;
 * :func:`attend_slots`: each row carries its own absolute position and takes part iff :func:`visible` says so. The
   rows can be in any order (a ring's slots; -1 marks an empty slot). Order does not matter because the online
   softmax is a sum, and the keys were rotated (RoPE) at their absolute positions before they were stored.
@@ -48,6 +51,7 @@ import math
 import numpy as np
 from numba.extending import register_jitable
 
+from . import quant
 from .fp16 import widen
 
 #: keys per tile of the online softmax: small enough that a tile's scores and V rows stay in L1.
@@ -114,13 +118,12 @@ def score_tile(q, k_tile, n, scale, work):
 
 
 @register_jitable
-def softmax_tile(v_tile, n, out, work):
-    """Fold one tile of n scores (``work[:, :n]``, -inf for a masked key) into the running softmax of G heads.
+def softmax_weights(n, out, work):
+    """The softmax half of a tile update: turn the tile's n scores (``work[:, :n]``, -inf for a masked key) into
+    weights p_j = exp(s_j - m') in place, update the running max and sum, and rescale the accumulator ``out``.
 
-    m' = max(m, max_j s_j);  c = exp(m - m');  l' = c l + sum_j exp(s_j - m');  acc' = c acc + sum_j exp(s_j - m') v_j
-    At least one score of the tile must be finite (callers skip fully masked tiles). As in fused attention kernels,
-    a masked row is multiplied by p = 0, so every stored value must be finite (a stored inf or NaN would poison the
-    output even while masked; NaN scores of visible keys propagate, as in the float64 definition).
+    m' = max(m, max_j s_j);  c = exp(m - m');  l' = c l + sum_j p_j;  acc = c acc
+    At least one score of the tile must be finite (callers skip fully masked tiles).
     """
     M = TILE  # column of the running max m
     L = TILE + 1  # column of the running sum l
@@ -141,8 +144,17 @@ def softmax_tile(v_tile, n, out, work):
         work[g, L] = total
         for d in range(D):
             out[g, d] *= c
-    # acc += p_j * v_j: each V row is read once for all G query heads; a row with p = 0 adds nothing (and a masked
-    # row may hold anything, even inf, so it is skipped rather than multiplied by 0)
+
+
+@register_jitable
+def accumulate_rows(v_tile, n, out, work):
+    """The value half of a tile update: ``acc[g] += p_j * v_j`` for the tile's n value rows (weights in ``work``).
+
+    Each V row is read once for all G query heads. As in fused attention kernels, a masked row is multiplied by
+    p = 0, so every stored value must be finite (a stored inf or NaN would poison the output even while masked).
+    """
+    G = out.shape[0]
+    D = out.shape[1]
     for j in range(n):
         v_row = v_tile[j]
         for g in range(G):
@@ -150,6 +162,13 @@ def softmax_tile(v_tile, n, out, work):
             acc_row = out[g]
             for d in range(D):
                 acc_row[d] += p * widen(v_row[d])
+
+
+@register_jitable
+def softmax_tile(v_tile, n, out, work):
+    """Fold one tile of n scores (``work[:, :n]``) and its n value rows into the running softmax of G heads."""
+    softmax_weights(n, out, work)
+    accumulate_rows(v_tile, n, out, work)
 
 
 @register_jitable
@@ -191,6 +210,58 @@ def attend_slots(q, keys, values, key_positions, end, query_position, window, si
                     for g in range(q.shape[0]):
                         work[g, j] = -np.inf  # masked: whatever the slot holds, its weight is exp(-inf) = 0
         softmax_tile(values[start:start + n], n, out, work)
+
+
+@register_jitable
+def dequantize_row(row, fmt, out):
+    """Decode one quantized row (ggml blocks, ``kvref/quant.py``) into the float32 scratch ``out`` (head_dim floats),
+    block by block: ``x~_j = d * c_j (+ m)``. Attention decodes one row at a time into this scratch, which stays in
+    L1: there is never a float copy of the store."""
+    block_bytes = quant.layout(fmt)[3]
+    for b in range(out.shape[0] // quant.BLOCK):
+        block_out = out[b * quant.BLOCK:(b + 1) * quant.BLOCK]
+        quant.dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt, block_out, block_out)
+
+
+@register_jitable
+def score_quantized_tile(q, k_tile, n, fmt, scale, work, row):
+    """Scores of a tile of n quantized key rows for the G query heads: each row is decoded once into the scratch
+    ``row`` and used for all G heads (GQA), exactly as :func:`score_tile` widens an fp16 row."""
+    G = q.shape[0]
+    D = q.shape[1]
+    for j in range(n):
+        dequantize_row(k_tile[j], fmt, row)
+        for g in range(G):
+            q_row = q[g]
+            s = np.float32(0.0)
+            for d in range(D):
+                s += q_row[d] * row[d]
+            work[g, j] = s * scale
+
+
+@register_jitable
+def accumulate_quantized_rows(v_tile, n, fmt, out, work, row):
+    """``acc[g] += p_j * v~_j`` for n quantized value rows, each decoded once into ``row`` for all G heads."""
+    G = out.shape[0]
+    D = out.shape[1]
+    for j in range(n):
+        dequantize_row(v_tile[j], fmt, row)
+        for g in range(G):
+            p = work[g, j]
+            acc_row = out[g]
+            for d in range(D):
+                acc_row[d] += p * row[d]
+
+
+@register_jitable
+def attend_quantized_rows(q, keys, values, n_keys, fmt, scale, out, work, row):
+    """Fold quantized key/value rows 0 .. n_keys-1 (all visible; uint8 ggml blocks of format ``fmt``) into the
+    running softmax, a tile at a time: the quantized twin of :func:`attend_rows`. ``row``: a head_dim-float scratch."""
+    for start in range(0, n_keys, TILE):
+        n = min(TILE, n_keys - start)
+        score_quantized_tile(q, keys[start:start + n], n, fmt, scale, work, row)
+        softmax_weights(n, out, work)
+        accumulate_quantized_rows(values[start:start + n], n, fmt, out, work, row)
 
 
 @register_jitable

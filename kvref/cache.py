@@ -27,6 +27,8 @@ class Step:
     across caches, so a Step from another cache is rejected too).
     ``deferred`` (ring cache only): the step's K/V are held aside until ``advance``, because writing them at once
     would overwrite keys that the step's own earlier queries still need (see ``kvref/ring.py``).
+    ``tiers`` (two-tier cache only): (n_seq, 3) int64, per sequence the tokens already migrated before the step,
+    the migrated count after it and the evicted count after it (see ``kvref/two_tier.py``).
     """
 
     seq_ids: np.ndarray
@@ -34,6 +36,7 @@ class Step:
     slots: np.ndarray
     version: int
     deferred: bool = False
+    tiers: np.ndarray = None
 
     @property
     def num_tokens(self):
@@ -79,6 +82,10 @@ class CacheBase:
         self._kv = self._ops.zeros(buffer_dims(shape, self.batch, int(slots)), shape.storage_dtype)
         self._lengths = np.zeros(self.batch, np.int64)
         self._version = next_version()
+        # a step whose K/V are held aside between write() and advance() (ring: deferred steps; two-tier: every step)
+        self._step_key = None  # (version, seq_ids, T) of the step being written
+        self._written = set()  # layers written for that step
+        self._pending = {}  # layer -> (k, v) held aside, in the storage dtype
 
     # --- reading the state ---------------------------------------------------------------------------------
     @property
@@ -149,8 +156,10 @@ class CacheBase:
             raise StaleStepError("step", f"a step planned at cache version {self._version}",
                                  f"version {step.version}", detail="the cache changed since plan(); plan again")
         fresh = self.plan(step.num_tokens, step.seq_ids)  # re-validates the sequences and the capacity
+        same_tiers = (fresh.tiers is None and step.tiers is None) or (
+            fresh.tiers is not None and step.tiers is not None and np.array_equal(fresh.tiers, step.tiers))
         if not (np.array_equal(fresh.positions, step.positions) and np.array_equal(fresh.slots, step.slots)
-                and fresh.deferred == step.deferred):
+                and fresh.deferred == step.deferred and same_tiers):
             raise StaleStepError("step", "the positions and slots that plan() returned", "edited arrays")
 
     def _check_array(self, name, a, dims, dtype):
@@ -192,6 +201,22 @@ class CacheBase:
         if isinstance(max_length, (bool, np.bool_)) or not isinstance(max_length, (int, np.integer)):
             raise ShapeError("max_length", "an integer", repr(max_length))
         return int(max_length)  # a Python int: NumPy's small integer types would overflow in arithmetic
+
+    # --- steps written layer by layer ---------------------------------------------------------------------------
+    def _track(self, step):
+        """Start tracking a step's writes (layers written, held-aside K/V) if it is not the one being tracked."""
+        key = (step.version, tuple(step.seq_ids.tolist()), step.num_tokens)
+        if key != self._step_key:
+            self._step_key = key
+            self._written = set()
+            self._pending = {}
+
+    def _check_written(self, step, layers, action):
+        key = (step.version, tuple(step.seq_ids.tolist()), step.num_tokens)
+        missing = [layer for layer in layers if key != self._step_key or layer not in self._written]
+        if missing:
+            raise StaleStepError("step", f"layer(s) {missing} written for this step before {action}",
+                                 "not written", detail="call write(step, layer, k, v) first")
 
     def _bump(self):
         """The state changed: every Step planned before is now stale."""

@@ -16,6 +16,12 @@ Seed 003 used ``n_heads`` (query heads) in this formula: for a GQA model that ov
 A ring cache (``kvref/ring.py``) is this formula with ``max_tokens = W``, the window, however many tokens have gone
 through it (:func:`ring_bytes`), plus one int64 stored position per layer, sequence and slot
 (:func:`ring_position_bytes`).
+
+A two-tier cache (``kvref/two_tier.py``) holds a tail of R full-precision slots and a store of S = M - R + B - 1
+slots of ggml blocks (:func:`two_tier_bytes`): per token, layer and KV head, K and V each take
+``head_dim / 32 * bytes_per_block`` bytes (34 for q8_0, 18 for q4_0), i.e. 1.0625 or 0.5625 bytes per element
+instead of 2 (fp16): 1.88x and 3.56x less. The bytes of N held tokens of which R are in the tail are
+``R * tail_bytes_per_token + (N - R) * store_bytes_per_token`` (:func:`two_tier_held_bytes`).
 """
 
 from .errors import ShapeError
@@ -69,6 +75,30 @@ def ring_position_bytes(shape, batch, window):
     check_positive_int("batch", batch)
     check_positive_int("window", window)
     return shape.layers * batch * window * 8
+
+
+def store_bytes_per_token(shape, fmt):
+    """Bytes one token takes in a two-tier cache's quantized store, all layers: 2 * layers * kv_heads *
+    (head_dim / 32) * bytes_per_block."""
+    from .quant import row_bytes
+
+    return 2 * shape.layers * shape.kv_heads * row_bytes(shape.head_dim, fmt)
+
+
+def two_tier_bytes(shape, batch, tail_tokens, max_tokens, fmt, migration_batch):
+    """Allocated bytes of a two-tier cache: the tail (R slots in the shape's dtype) plus the store
+    (S = M - R + B - 1 slots of ggml blocks), for ``batch`` sequences."""
+    from .two_tier import store_capacity
+
+    check_positive_int("batch", batch)
+    store_slots = store_capacity(tail_tokens, max_tokens, migration_batch)
+    return batch * (tail_tokens * bytes_per_token(shape) + store_slots * store_bytes_per_token(shape, fmt))
+
+
+def two_tier_held_bytes(shape, held_tokens, tail_held, fmt):
+    """Bytes that ``held_tokens`` tokens of one sequence really occupy when ``tail_held`` of them are in the tail
+    and the rest in the store (what ``stats()["bytes_used"]`` counts)."""
+    return tail_held * bytes_per_token(shape) + (held_tokens - tail_held) * store_bytes_per_token(shape, fmt)
 
 
 def wrong_heads_bytes(shape, batch, max_tokens):

@@ -82,7 +82,7 @@ from numba.extending import register_jitable
 
 from .attention import WORK_COLUMNS, attend_slots, softmax_finish, softmax_start
 from .cache import CacheBase, Step, freeze
-from .errors import IndexOutOfRangeError, ShapeError, StaleStepError
+from .errors import IndexOutOfRangeError, ShapeError
 from .shapes import check_index, check_positive_int
 
 __all__ = ["RingCache", "attend_one", "attend_tokens", "kept_after_step", "must_defer", "ring_slot", "write_one",
@@ -229,9 +229,6 @@ class RingCache(CacheBase):
         super().__init__(shape, batch, self.window, backend)
         empty = np.full((shape.layers, self.batch, self.window), -1, np.int64)
         self._slot_positions = self._ops.from_host(empty)
-        self._step_key = None  # (version, seq_ids, T) of the step being written
-        self._written = set()  # layers written for that step
-        self._pending = {}  # layer -> (k, v) of a deferred step, in the storage dtype
 
     # --- reading the state ---------------------------------------------------------------------------------
     @property
@@ -323,21 +320,6 @@ class RingCache(CacheBase):
         deferred = any(must_defer(int(self._lengths[s]), int(num_tokens), self.window) for s in ids.tolist())
         freeze(ids, positions, slots)
         return Step(ids, positions, slots, self._version, deferred)
-
-    def _track(self, step):
-        """Start tracking a step's writes (layers written, held-aside K/V) if it is not the one being tracked."""
-        key = (step.version, tuple(step.seq_ids.tolist()), step.num_tokens)
-        if key != self._step_key:
-            self._step_key = key
-            self._written = set()
-            self._pending = {}
-
-    def _check_written(self, step, layers, action):
-        key = (step.version, tuple(step.seq_ids.tolist()), step.num_tokens)
-        missing = [layer for layer in layers if key != self._step_key or layer not in self._written]
-        if missing:
-            raise StaleStepError("step", f"layer(s) {missing} written for this step before {action}",
-                                 "not written", detail="call write(step, layer, k, v) first")
 
     def write(self, step, layer, k_new, v_new):
         """Write one layer's new K and V, each (n_seq, T, kv_heads, head_dim) in the cache's dtype.

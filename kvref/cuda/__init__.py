@@ -96,12 +96,12 @@ def copy_result(d_out, out):
 
 class CudaOps:
     """Operations for the cuda backend (the interface of :class:`kvref.backends.HostOps`): the cache's storage lives
-    in device arrays; inputs may be host or device arrays. ``write_tokens`` / ``attend_tokens`` are the variant's
-    launchers."""
+    in device arrays; inputs may be host or device arrays. The keyword arguments (``write_tokens``, ``attend_tokens``, ...)
+    are the variant's launchers."""
 
-    def __init__(self, write_tokens, attend_tokens):
-        self.write_tokens = write_tokens
-        self.attend_tokens = attend_tokens
+    def __init__(self, **launchers):
+        for name, launcher in launchers.items():  # write_tokens=..., attend_tokens=..., commit_tokens=...
+            setattr(self, name, launcher)
 
     @staticmethod
     def zeros(dims, dtype):

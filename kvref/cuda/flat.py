@@ -112,4 +112,4 @@ def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
     return out
 
 
-OPS = CudaOps(write_tokens, attend_tokens)
+OPS = CudaOps(write_tokens=write_tokens, attend_tokens=attend_tokens)

@@ -95,4 +95,4 @@ def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pend
     return out
 
 
-OPS = CudaOps(write_tokens, attend_tokens)
+OPS = CudaOps(write_tokens=write_tokens, attend_tokens=attend_tokens)

@@ -1,0 +1,49 @@
+"""CPU twins of the two-tier cache's spec (``kvref/two_tier.py``): the same functions, compiled.
+
+``attend_tokens_parallel`` is a schedule: ``prange`` over every (sequence, token, KV head) triple, each running the
+spec's ``attend_one`` (numbered as in the flat cache, ``kvref.flat.work_item``). ``attend_tokens`` picks it only when
+there is enough work to share (see ``kvref/cpu/flat.py``).
+"""
+
+import numba
+import numpy as np
+from numba import prange
+
+from .. import two_tier
+from ..attention import WORK_COLUMNS
+from ..flat import work_item
+from . import ATTENTION_FASTMATH, compile_spec
+from .flat import PARALLEL_MIN_ROWS
+
+commit_tokens = compile_spec(two_tier.commit_tokens)
+attend_tokens_serial = compile_spec(two_tier.attend_tokens, fastmath=ATTENTION_FASTMATH)
+attend_materialized_tokens = compile_spec(two_tier.attend_materialized_tokens, fastmath=ATTENTION_FASTMATH)
+
+
+def _attend_tokens_parallel(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
+                            scale, out):
+    """Schedule: one work item per (i, t, h), spread over threads; the body is the spec's attend_one."""
+    n_seq, n_tokens = positions.shape
+    kv_heads = tail.shape[3]
+    group = q.shape[2] // kv_heads
+    for item in prange(n_seq * n_tokens * kv_heads):
+        i, t, h = work_item(item, n_tokens, kv_heads)
+        work = np.empty((group, WORK_COLUMNS), np.float32)
+        codes = np.empty(q.shape[3], np.float32)
+        two_tier.attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
+                            scale, out, work, codes, i, t, h)
+
+
+attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTION_FASTMATH, parallel=True)
+
+
+def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out):
+    """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
+    held = np.minimum(positions[:, :1] + 1, window).sum() * positions.shape[1]
+    rows = int(held) * tail.shape[3]
+    if numba.get_num_threads() > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * tail.shape[3] > 1:
+        attend_tokens_parallel(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
+                               scale, out)
+    else:
+        attend_tokens_serial(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
+                             scale, out)

@@ -1,0 +1,133 @@
+"""CUDA twins of the two-tier cache's spec (``kvref/two_tier.py``): thread mappings whose bodies call the spec.
+
+Thread mappings (one thread per work item, ``item = cuda.grid(1)``)::
+
+    migrate  item = (i * n_old + k) * kv_heads + h: quantizes the k-th old tail token that leaves sequence i's tail
+             (K and V rows of head h) into its store slot: two_tier.migrate_one
+    append   item = (i * T + t) * kv_heads + h: stores new token t of head h in its tier: two_tier.append_one
+    attend   item = (i * T + t) * kv_heads + h: the online softmax of its G query heads over the store (block by block),
+             the tail and the step's own rows: two_tier.attend_one
+
+``advance`` launches migrate, then append, on one stream, so every old tail row is quantized before a new token may
+take its slot (the order the spec's ``commit_tokens`` runs its two loops in). Quantizing bytes identical to ggml's
+needs the unfused multiply of ``quant.mul_rn`` (its CUDA overload lives in ``kvref/cuda/quant.py``, imported here).
+Per-thread scratch (a 32-float block, the softmax ``work``) comes from launcher-allocated device arrays, since
+device code cannot allocate.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from .. import two_tier
+from ..flat import work_item
+from ..quant import BLOCK
+from . import ATTEND_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
+from . import quant as _quant  # noqa: F401  (registers the CUDA form of quant.mul_rn before any kernel compiles)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: index arithmetic only; the work is the spec's.
+# ---------------------------------------------------------------------------------------------------------------
+def _migrate_kernel_body(tail, store, layer, seq_ids, positions, tiers, fmt, n_old, scratch):
+    """Thread ``item`` migrates old tail token k of step-sequence i, head h."""
+    kv_heads = tail.shape[3]
+    item = cuda.grid(1)
+    if item < positions.shape[0] * n_old * kv_heads:
+        i, k, h = work_item(item, n_old, kv_heads)
+        two_tier.migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch[item], i, k, h)
+
+
+def _append_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch):
+    """Thread ``item`` stores new token t of step-sequence i, head h."""
+    n_seq, n_tokens = positions.shape
+    kv_heads = tail.shape[3]
+    item = cuda.grid(1)
+    if item < n_seq * n_tokens * kv_heads:
+        i, t, h = work_item(item, n_tokens, kv_heads)
+        two_tier.append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch[item],
+                            i, t, h)
+
+
+def _attend_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale,
+                        out, work, codes):
+    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+    n_seq, n_tokens = positions.shape
+    kv_heads = tail.shape[3]
+    item = cuda.grid(1)
+    if item < n_seq * n_tokens * kv_heads:
+        i, t, h = work_item(item, n_tokens, kv_heads)
+        two_tier.attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
+                            scale, out, work[item], codes[item], i, t, h)
+
+
+_migrate_kernel = cuda.jit(_migrate_kernel_body)
+_append_kernel = cuda.jit(_append_kernel_body)
+_attend_kernel = cuda.jit(_attend_kernel_body)
+
+
+def _signatures():
+    """The signatures the launchers below use (C-contiguous arrays; tail storage float32 or uint16)."""
+    from numba.core.types import float32 as f32, int64 as i64, uint8 as u8
+
+    return kernel_signatures({
+        "migrate": lambda s, C: (C(s, 6), C(u8, 6), i64, C(i64, 1), C(i64, 2), C(i64, 2), i64, i64, C(f32, 2)),
+        "append": lambda s, C: (C(s, 6), C(u8, 6), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4), i64,
+                                C(f32, 2)),
+        "attend": lambda s, C: (C(s, 6), C(u8, 6), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4), i64, i64,
+                                C(f32, 4), f32, C(f32, 4), C(f32, 3), C(f32, 2)),
+    })
+
+
+#: every kernel of this module: name -> (plain Python body, [numba signatures it is launched with])
+KERNELS = {
+    "two_tier.migrate": (_migrate_kernel_body, _signatures()["migrate"]),
+    "two_tier.append": (_append_kernel_body, _signatures()["append"]),
+    "two_tier.attend": (_attend_kernel_body, _signatures()["attend"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers and the operations object a cache calls
+# ---------------------------------------------------------------------------------------------------------------
+def _one_thread_per_item(n_items):
+    """(blocks, threads) for one thread per work item."""
+    threads = max(1, min(ATTEND_THREADS, n_items))
+    return max(1, math.ceil(n_items / threads)), threads
+
+
+def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt):
+    """Store one layer's step (spec: ``kvref.two_tier.commit_tokens``): the migrate kernel, then the append kernel."""
+    n_seq, n_tokens, kv_heads, _ = pending_k.shape
+    d_seq_ids, d_positions, d_tiers = on_device(seq_ids), on_device(positions), on_device(tiers)
+    n_old = int(max(0, (np.minimum(tiers[:, 1], positions[:, 0]) - np.maximum(tiers[:, 0], tiers[:, 2])).max()))
+    if n_old > 0:
+        n_items = n_seq * n_old * kv_heads
+        blocks, threads = _one_thread_per_item(n_items)
+        scratch = cuda.device_array((n_items, BLOCK), np.float32)
+        _migrate_kernel[blocks, threads](tail, store, int(layer), d_seq_ids, d_positions, d_tiers, int(fmt), n_old,
+                                         scratch)
+    n_items = n_seq * n_tokens * kv_heads
+    blocks, threads = _one_thread_per_item(n_items)
+    scratch = cuda.device_array((n_items, BLOCK), np.float32)
+    _append_kernel[blocks, threads](tail, store, int(layer), d_seq_ids, d_positions, d_tiers, on_device(pending_k),
+                                    on_device(pending_v), int(fmt), scratch)
+
+
+def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out):
+    """Attention of one layer for every new token (spec: ``kvref.two_tier.attend_tokens``), into ``out`` in place."""
+    n_seq, n_tokens, q_heads, _ = q.shape
+    kv_heads = tail.shape[3]
+    n_items = n_seq * n_tokens * kv_heads
+    blocks, threads, work = attend_launch(n_items, q_heads // kv_heads)
+    codes = cuda.device_array((n_items, q.shape[3]), np.float32)
+    d_out = result_array(out)
+    _attend_kernel[blocks, threads](tail, store, int(layer), on_device(seq_ids), on_device(positions),
+                                    on_device(tiers), on_device(pending_k), on_device(pending_v), int(window),
+                                    int(fmt), on_device(q), np.float32(scale), d_out, work, codes)
+    copy_result(d_out, out)
+    return out
+
+
+OPS = CudaOps(commit_tokens=commit_tokens, attend_tokens=attend_tokens)
