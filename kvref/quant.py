@@ -19,7 +19,7 @@ element j is bit j of ``qh`` read as a little-endian uint32.
 float32 ``d``, not the stored one; ``id = 0`` when ``d = 0``)::
 
     q8_0   amax = max |x_j|           d = amax / 127       q_j = roundf(x_j * id)                 x~ = q * d
-    q4_0   M = the x_j of largest |x_j| (the first on ties, sign kept)
+    q4_0   M = the x_j of largest |x_j| (the first on ties, sign kept; +0 if all are zero)
                                       d = M / -8           q_j = min(15, trunc(x_j * id + 8.5))   x~ = (q - 8) * d
     q4_1   lo = min x, hi = max x     d = (hi - lo) / 15   q_j = min(15, trunc((x_j - lo) * id + 0.5))
                                       m = lo                                                      x~ = q * d + m
@@ -32,16 +32,28 @@ and sum above is a float32 operation, rounded on its own. (NVVM would fuse ``x *
 single rounding, which changes 9 of the q4_0 codes ggml produces; the spec multiplies with :func:`mul_rn`, which the
 CUDA backend maps to an unfused multiply.)
 
-**Error bounds** (``../shared/reference/quant_and_ring_facts.md`` §4, tested): q8_0 ``|x - x~| <= amax/254`` plus the
-fp16 rounding of d (``127 * |d - fp16(d)|``); q4_0 ``<= amax/8``: the extreme M maps exactly to -8 d, but a value of
-the opposite sign and the same magnitude can only reach +7 d (the clamp); q4_1 ``<= range/30`` plus the rounding of
-d and m.
+**Error bounds** (``../shared/reference/quant_and_ring_facts.md`` §4, tested in ``tests/test_quant.py``), with
+``r(v) = |v - fp16(v)|`` the fp16 rounding of a stored scale:
+
+    q8_0  |x - x~| <= amax/254 + 127 r(d)      q4_0  <= amax/8  + 8 r(d)     q5_0  <= amax/16 + 16 r(d)
+    q4_1  |x - x~| <= range/30 + 15 r(d) + r(m)                              q5_1  <= range/62 + 31 r(d) + r(m)
+
+The symmetric formats reach their bound: the extreme M maps exactly to -8 d, but a value of the opposite sign and
+the same magnitude can only reach +7 d (the clamp), an error of d = amax/8.
 
 **Non-finite input** (NaN, +-inf) has no meaning in these formats: ggml's result is undefined behaviour in C.
 kvref rejects it: :func:`quantize` and the two-tier cache's ``write`` raise :class:`kvref.errors.NonFiniteError`
 naming the argument and the first bad index, before any compiled code runs, so every backend behaves the same.
-A block so small that ``1/d`` overflows float32 (max |x| below about 3.7e-37; its fp16 scale is 0, so it
-dequantizes to zeros whatever the codes) gets ``id = 0``, the all-zero block's codes.
+A block so small that ``1/d`` overflows float32 (``|d| <= 2**-128``: max |x| below about 3.7e-37 for q8_0, 2.4e-38
+for q4_0) gets ``id = 0``, the all-zero block's codes (:func:`inverse`); its fp16 scale is 0, so it dequantizes to
+zeros whatever the codes. (ggml multiplies by inf there and casts the result to an integer: undefined in C; the
+``gguf`` port gets whatever NumPy's cast of inf and NaN gives.)
+
+**Signed zeros: ggml's C, not its NumPy port.** In two corners the ``gguf`` package's NumPy port differs from ggml's
+C reference, and kvref follows the C: (1) q4_0 / q5_0, a block of zeros whose first element is -0.0: C keeps
+``max = 0.0f`` (d = -0.0, stored 0x8000) while ``gguf`` takes ``x[argmax |x|]`` = -0.0 (d = +0.0); (2) q4_1 / q5_1,
+a block whose min or max is a tie of +0.0 and -0.0: C keeps the first one, ``gguf``'s ``np.min`` / ``np.max``
+whichever its SIMD lanes give. Both choices dequantize to the same values (zeros, or x~ = q d + 0).
 
 **Attention without a float copy** (:func:`block_codes`): decode attention reads one block at a time, turns its 32
 codes into float32 *code values* c_j (q8_0: the int8; q4_0: nibble - 8; q4_1: nibble; ...), and uses
@@ -50,6 +62,22 @@ applied once per block, not once per element (``kvref.attention.attend_quantized
 
 The functions marked ``@register_jitable`` are the spec: plain Python here, compiled by ``kvref/cpu/quant.py`` and
 called from the CUDA kernels of ``kvref/cuda/quant.py``.
+
+**How the same loops run fast when compiled** (``kvref/cpu/quant.py`` reaches 13 GB/s, about 17-20x ``gguf``'s NumPy,
+on one core):
+
+* The block reductions are small primitives (:func:`abs_max`, :func:`signed_max`, :func:`min_max`) and so is
+  :func:`roundf`. A serial ``max`` over 32 floats does not vectorise, so ``kvref/cpu/fast_math.py`` gives these four
+  a compiled form for the CPU target only (one 32-lane vector reduction; LLVM's ``llvm.round``), tested equal to
+  the spec: ``roundf`` on all 2**32 float32 values, the reductions on adversarial and random blocks.
+* The loops run over ``qs.size`` / ``x.size`` (run-time lengths) rather than the constant 32: LLVM fully unrolls a
+  constant 32-trip loop into scalar code it then cannot vectorise (it cannot prove the float input and the byte
+  output do not overlap), while a run-time length gets a vector loop with an overlap check.
+* Codes are ``np.int32``: C's casts truncate toward zero, and so does ``np.int32``; 32-bit lanes are twice as many
+  per vector as Python ``int``'s 64.
+* The per-block functions are ``register_jitable(forceinline=True)``: LLVM inlines them (Numba's own IR inlining,
+  ``inline="always"``, compiles far slower and numba-cuda does not support it for overloads), and
+  ``kvref/cpu/quant.py`` compiles one loop per format with the format a constant, so every ``if fmt == ...`` folds.
 """
 
 import math
@@ -92,19 +120,28 @@ def mul_rn(a, b):
 
 @register_jitable
 def roundf(v):
-    """C's ``roundf``: to the nearest integer, halves away from zero (float64 arithmetic, exact for float32 v)."""
-    return math.copysign(math.floor(math.fabs(v) + 0.5), v)
+    """C's ``roundf``: to the nearest integer, halves away from zero (float64 arithmetic, exact for float32 v).
+
+    A float32 with ``|v| >= 2**23`` is already an integer, and inf and NaN round to themselves: those return v, which
+    also keeps ``math.floor`` (an int in Python and an int64 in Numba) away from values an int64 cannot hold."""
+    if math.fabs(v) < 8388608.0:  # 2**23
+        return math.copysign(math.floor(math.fabs(v) + 0.5), v)
+    return float(v)
+
+
+#: the largest float32 whose reciprocal overflows: 1/d is finite exactly when |d| > 2**-128 (a subnormal)
+INVERSE_LIMIT = np.float32(2.0 ** -128)
 
 
 @register_jitable
 def inverse(d):
-    """``id = 1/d`` as ggml computes it: 0 when d = 0, and 0 when 1/d overflows float32 (a block below ~3.7e-37)."""
-    if d == 0:
+    """``id = 1/d`` as ggml computes it (``d ? 1.0f/d : 0.0f``), except that kvref also gives 0 where 1/d overflows
+    float32 (|d| <= 2**-128, a block whose largest |x| is below about 3.7e-37): ggml then multiplies by inf, which
+    its integer casts turn into undefined values. That block's fp16 scale is 0, so it dequantizes to zeros whatever
+    its codes; ``id = 0`` gives it the codes of an all-zero block."""
+    if abs(d) <= INVERSE_LIMIT:
         return np.float32(0.0)
-    inv = np.float32(1.0) / d
-    if math.isinf(inv):
-        return np.float32(0.0)
-    return inv
+    return np.float32(1.0) / d
 
 
 @register_jitable
@@ -145,55 +182,86 @@ def layout(fmt):
 # Spec: one block
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable
+def abs_max(x):
+    """``max |x_j|`` over the 32 elements of a block (ggml: ``amax = MAX(amax, fabsf(v))`` from 0)."""
+    amax = np.float32(0.0)
+    for j in range(BLOCK):
+        amax = max(amax, abs(x[j]))
+    return amax
+
+
+@register_jitable
+def signed_max(x):
+    """The x_j of largest |x_j|, sign kept: the first such j on ties. ggml starts from ``amax = max = 0`` and replaces
+    only on a strictly larger |x_j|, so a block of zeros (of either sign) gives +0.0."""
+    amax = np.float32(0.0)
+    extreme = np.float32(0.0)
+    for j in range(BLOCK):
+        if abs(x[j]) > amax:
+            amax = abs(x[j])
+            extreme = x[j]
+    return extreme
+
+
+@register_jitable
+def min_max(x):
+    """(min x_j, max x_j) of a block; on ties (+0.0 and -0.0) the first one, as ggml's ``if (v < min) min = v``."""
+    low = x[0]
+    high = x[0]
+    for j in range(1, BLOCK):
+        low = min(low, x[j])
+        high = max(high, x[j])
+    return low, high
+
+
+@register_jitable
+def code(v, low, inv, bias, levels):
+    """One 4- or 5-bit code: ggml's ``MIN(levels, (int8_t)((v - low) * id + bias))``. The cast truncates toward zero,
+    and so does ``np.int32``; the product is :func:`mul_rn`, so that no FMA fuses it with ``+ bias``."""
+    return min(levels, np.int32(mul_rn(v - low, inv) + bias))
+
+
+@register_jitable(forceinline=True)
 def quantize_block(x, fmt, block):
-    """Quantize the 32 floats ``x`` into the bytes ``block`` (formulas above)."""
+    """Quantize the 32 floats ``x`` into the bytes ``block`` (formulas above).
+
+    Codes are ``np.int32``: C's ``(int8_t)`` / ``(int)`` casts truncate toward zero, and so does ``np.int32(v)``
+    (32-bit rather than Python's ``int`` keeps the compiled loop's SIMD lanes narrow; the values are tiny)."""
     m_at, qh_at, qs_at, block_bytes = layout(fmt)
     qs = block[qs_at:block_bytes]
     if fmt == Q8_0:
-        amax = np.float32(0.0)
-        for j in range(BLOCK):
-            amax = max(amax, abs(x[j]))
-        d = amax / np.float32(127.0)
+        d = abs_max(x) / np.float32(127.0)
         inv = inverse(d)
         store_f16(block, 0, d)
-        for j in range(BLOCK):
-            qs[j] = int(roundf(x[j] * inv)) & 0xFF
+        for j in range(qs.size):  # 32 codes
+            qs[j] = np.int32(roundf(x[j] * inv)) & 0xFF  # the int8 code's two's-complement byte
         return
-    levels = 15 if (fmt == Q4_0 or fmt == Q4_1) else 31  # the largest code
+    levels = np.int32(15 if (fmt == Q4_0 or fmt == Q4_1) else 31)  # the largest code
     if fmt == Q4_0 or fmt == Q5_0:  # symmetric: the signed extreme maps to the lowest code
-        amax = np.float32(0.0)
-        extreme = np.float32(0.0)
-        for j in range(BLOCK):
-            if abs(x[j]) > amax:
-                amax = abs(x[j])
-                extreme = x[j]
         half = np.float32(8.0) if fmt == Q4_0 else np.float32(16.0)  # 8 or 16: the code of zero
-        d = extreme / -half
+        d = signed_max(x) / -half
         low = np.float32(0.0)
         bias = half + np.float32(0.5)
     else:  # affine: min and max map to codes 0 and `levels`
-        low = x[0]
-        high = x[0]
-        for j in range(1, BLOCK):
-            low = min(low, x[j])
-            high = max(high, x[j])
+        low, high = min_max(x)
         d = (high - low) / np.float32(levels)
         bias = np.float32(0.5)
         store_f16(block, m_at, low)
     inv = inverse(d)
     store_f16(block, 0, d)
-    high_bits = 0
-    for j in range(BLOCK // 2):
-        lo_code = min(levels, int(mul_rn(x[j] - low, inv) + bias))  # int() truncates, as C's cast
-        hi_code = min(levels, int(mul_rn(x[j + 16] - low, inv) + bias))
+    for j in range(qs.size):  # 16 bytes: element j in the low nibble, element j + 16 in the high one
+        lo_code = code(x[j], low, inv, bias, levels)
+        hi_code = code(x[j + 16], low, inv, bias, levels)
         qs[j] = (lo_code & 0x0F) | ((hi_code & 0x0F) << 4)
-        high_bits |= ((lo_code >> 4) << j) | ((hi_code >> 4) << (j + 16))
-    if qh_at >= 0:
+    if qh_at >= 0:  # q5_*: bit 4 of element j's code is bit j of qh, a little-endian uint32
+        high_bits = 0
+        for j in range(BLOCK):
+            high_bits |= int(code(x[j], low, inv, bias, levels) >> 4) << j
         for k in range(4):
             block[qh_at + k] = (high_bits >> (8 * k)) & 0xFF
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def block_codes(block, fmt, codes):
     """Decode one block of bytes: fill ``codes[0:32]`` with the float32 code values c_j and return (d, m), so that
     element j is ``d * c_j + m`` (m = 0 for the symmetric formats). This is all attention needs of a block."""
@@ -202,7 +270,7 @@ def block_codes(block, fmt, codes):
     m = load_f16(block, m_at) if m_at >= 0 else np.float32(0.0)
     qs = block[qs_at:block_bytes]
     if fmt == Q8_0:
-        for j in range(BLOCK):
+        for j in range(qs.size):  # 32 int8 codes
             codes[j] = np.float32(signed_byte(qs[j]))
         return d, m
     high_bits = 0
@@ -214,7 +282,7 @@ def block_codes(block, fmt, codes):
         zero = 8
     elif fmt == Q5_0:
         zero = 16
-    for j in range(BLOCK // 2):
+    for j in range(qs.size):  # 16 bytes, each holding elements j and j + 16
         byte = int(qs[j])
         lo_code = (byte & 0x0F) | (((high_bits >> j) & 1) << 4)
         hi_code = (byte >> 4) | (((high_bits >> (j + 16)) & 1) << 4)
@@ -223,30 +291,32 @@ def block_codes(block, fmt, codes):
     return d, m
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def dequantize_block(block, fmt, x, codes):
     """Decode the bytes ``block`` into the 32 floats ``x``: ``x~_j = d * c_j (+ m)`` in float32. ``codes`` is a
-    32-float scratch."""
+    32-float scratch; it may be ``x`` itself (each element is read before it is written). Compiled, a separate
+    scratch is faster: the vectorised loop checks at run time that ``codes`` and ``x`` do not overlap, and runs its
+    scalar version when they do."""
     d, m = block_codes(block, fmt, codes)
     if fmt == Q4_1 or fmt == Q5_1:
-        for j in range(BLOCK):
+        for j in range(x.size):  # 32 elements
             x[j] = mul_rn(d, codes[j]) + m
     else:
-        for j in range(BLOCK):
+        for j in range(x.size):
             x[j] = d * codes[j]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Spec: rows of blocks
 # ---------------------------------------------------------------------------------------------------------------
-@register_jitable
+@register_jitable(forceinline=True)
 def quantize_one(x, fmt, blocks, r, b):
     """Quantize block b of row r: ``x[r, 32b:32b+32]`` -> ``blocks[r, b*B:(b+1)*B]`` (B bytes per block)."""
     block_bytes = layout(fmt)[3]
     quantize_block(x[r, b * BLOCK:(b + 1) * BLOCK], fmt, blocks[r, b * block_bytes:(b + 1) * block_bytes])
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def quantize_rows(x, fmt, blocks):
     """x: (rows, n) float32 with n % 32 == 0 -> blocks: (rows, n/32 * B) uint8, ggml's blocks row by row."""
     for r in range(x.shape[0]):
@@ -254,14 +324,14 @@ def quantize_rows(x, fmt, blocks):
             quantize_one(x, fmt, blocks, r, b)
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def dequantize_one(blocks, fmt, x, r, b, codes):
     """Dequantize block b of row r into ``x[r, 32b:32b+32]``."""
     block_bytes = layout(fmt)[3]
     dequantize_block(blocks[r, b * block_bytes:(b + 1) * block_bytes], fmt, x[r, b * BLOCK:(b + 1) * BLOCK], codes)
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def dequantize_rows(blocks, fmt, x):
     """blocks: (rows, n/32 * B) uint8 -> x: (rows, n) float32."""
     codes = np.empty(BLOCK, np.float32)

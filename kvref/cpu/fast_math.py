@@ -1,4 +1,4 @@
-"""Faster compiled forms of three spec primitives, for the CPU target only.
+"""Faster compiled forms of seven spec primitives, for the CPU target only.
 
 Numba resolves a call to a spec function through its overloads, preferring one registered for the current target
 ("cpu") over the generic one that ``register_jitable`` made. So plain Python and CUDA keep running the spec, and only
@@ -16,13 +16,26 @@ Numba resolves a call to a spec function through its overloads, preferring one r
 
   Relative error <= 2e-7 against float64 exp for x in [-87, 0] (tested); x < -87 (including -inf) gives 0 and
   NaN gives NaN. Attention only ever calls it with x <= 0 or NaN (a NaN or infinite score).
+* ``quant.roundf`` (float32 argument): the spec is ``copysign(floor(|v| + 0.5), v)`` in float64; here it is LLVM's
+  ``llvm.round.f32`` (round half away from zero, C's ``roundf``), which vectorises. Identical to the spec on all
+  2**32 float32 bit patterns, signed zeros and NaN included (tested).
+* ``quant.abs_max``, ``quant.signed_max``, ``quant.min_max``, the block reductions of the quantizers: the spec is a
+  serial loop over 32 elements, which LLVM cannot vectorise (a float max is not associative for it). Here each is
+  one 32-lane vector load and an ``llvm.vector.reduce.fmax/fmin``. A max of floats is exact in any order, so only
+  the spec's tie rules need care, and they are kept: which lane is "first" among equal values is looked up with a
+  vector compare and ``cttz`` (so +0.0 vs -0.0 ties pick the same element as the spec), NaN lanes are ignored as
+  the spec's ``max``/``min``/``>`` ignore them, a NaN in ``x[0]`` sticks in ``min_max`` as in the spec. Tested equal
+  to the spec on adversarial blocks (ties, signed zeros, NaN and inf in every lane, subnormals) and random ones.
+  These apply to C-contiguous 1-D float32 arrays (every block the spec slices is one); other layouts keep the spec.
+  Like the spec's compiled loops (Numba does no bounds checks), they assume at least 32 elements.
 """
 
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
+from .. import quant
 from ..attention import exp_f32
 from ..fp16 import f16_bits_to_f32, f32_to_f16_bits
 
@@ -108,3 +121,155 @@ def _exp_f32_cpu(x):
         return p * scale if xf >= LOWEST else np.float32(0.0)
 
     return impl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block reductions of the quantizers (kvref/quant.py): one 32-wide vector instead of a serial loop
+# ---------------------------------------------------------------------------------------------------------------
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+_V32 = ir.VectorType(_F32, quant.BLOCK)
+
+
+def _is_block(x):
+    """A C-contiguous float32 array: its first 32 elements can be loaded as one vector."""
+    return isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C" and x.ndim == 1
+
+
+def _load_block(context, builder, aryty, value):
+    """<32 x float> from the start of a C-contiguous float32 array."""
+    data = context.make_array(aryty)(context, builder, value).data
+    return builder.load(builder.bitcast(data, _V32.as_pointer()), align=4)
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _vector_fabs(builder, v):
+    return _call(builder, "llvm.fabs.v32f32", _V32, [v])
+
+
+def _splat(builder, value):
+    """<32 x float> with every lane = value."""
+    undef = ir.Constant(_V32, ir.Undefined)
+    lane0 = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(_I32, quant.BLOCK), [0] * quant.BLOCK))
+
+
+def _reduce(builder, op, v, nan_value):
+    """``llvm.vector.reduce.<op>`` (fmax or fmin) of v with its NaN lanes replaced by nan_value first, so the
+    reduction may be told there are no NaNs ('nnan': a plain vmaxps/vminps tree) and which zero it returns does not
+    matter ('nsz': callers that care about the sign of zero look the value up again in the block)."""
+    not_nan = builder.fcmp_ordered("==", v, v)
+    clean = builder.select(not_nan, v, _splat(builder, ir.Constant(_F32, nan_value)))
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_V32]), f"llvm.vector.reduce.{op}.v32f32")
+    return builder.call(fn, [clean], fastmath=("nnan", "nsz"))
+
+
+@intrinsic
+def _block_reduce_abs_max(typingctx, x):
+    """max |x_j| over x[0:32], NaN lanes ignored (0.0 if every lane is NaN)."""
+    if not _is_block(x):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = _vector_fabs(builder, _load_block(context, builder, signature.args[0], args[0]))
+        return _reduce(builder, "fmax", v, 0.0)
+
+    return types.float32(x), codegen
+
+
+def _reduce_intrinsic(op, nan_value):
+    @intrinsic
+    def reduce(typingctx, x):
+        """min or max over x[0:32], NaN lanes ignored (+-inf if every lane is NaN); either zero on a +-0 tie."""
+        if not _is_block(x):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return _reduce(builder, op, _load_block(context, builder, signature.args[0], args[0]), nan_value)
+
+        return types.float32(x), codegen
+
+    return reduce
+
+
+_block_reduce_min = _reduce_intrinsic("fmin", float("inf"))
+_block_reduce_max = _reduce_intrinsic("fmax", float("-inf"))
+
+
+def _first_equal_intrinsic(absolute):
+    @intrinsic
+    def first_equal(typingctx, x, value):
+        """The first j in 0..31 with (|x_j| or x_j) == value (ordered compare), or 32 if there is none."""
+        if not (_is_block(x) and value == types.float32):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = _load_block(context, builder, signature.args[0], args[0])
+            if absolute:
+                v = _vector_fabs(builder, v)
+            mask = builder.bitcast(builder.fcmp_ordered("==", v, _splat(builder, args[1])), _I32)
+            index = _call(builder, "llvm.cttz.i32", _I32, [mask, ir.Constant(ir.IntType(1), 0)])
+            return builder.zext(index, ir.IntType(64))
+
+        return types.int64(x, value), codegen
+
+    return first_equal
+
+
+_block_first_equal = _first_equal_intrinsic(absolute=False)
+_block_first_abs_equal = _first_equal_intrinsic(absolute=True)
+
+
+@overload(quant.abs_max, target="cpu")
+def _abs_max_cpu(x):
+    if _is_block(x):
+        return lambda x: _block_reduce_abs_max(x)
+
+
+@overload(quant.signed_max, target="cpu")
+def _signed_max_cpu(x):
+    if _is_block(x):
+        def impl(x):
+            amax = _block_reduce_abs_max(x)
+            if not amax > np.float32(0.0):  # all zeros (or NaN): the spec never leaves its start value +0.0
+                return np.float32(0.0)
+            return x[_block_first_abs_equal(x, amax)]  # the first lane of that magnitude, sign kept
+
+        return impl
+
+
+@overload(quant.min_max, target="cpu")
+def _min_max_cpu(x):
+    if _is_block(x):
+        def impl(x):
+            if x[0] != x[0]:  # NaN first: the spec's min/max never replace it
+                return x[0], x[0]
+            # the reductions skip NaN lanes (x[0] is not NaN); the first lane equal to each result is the spec's
+            # first-of-ties, which matters for +0.0 vs -0.0
+            low = x[_block_first_equal(x, _block_reduce_min(x))]
+            high = x[_block_first_equal(x, _block_reduce_max(x))]
+            return low, high
+
+        return impl
+
+
+@intrinsic
+def _round_half_away_f32(typingctx, v):
+    """``llvm.round.f32``: to the nearest integer, halves away from zero (C's roundf), as float32."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _call(builder, "llvm.round.f32", _F32, [args[0]])
+
+    return types.float32(v), codegen
+
+
+@overload(quant.roundf, target="cpu")
+def _roundf_cpu(v):
+    if v == types.float32:  # (float64 arguments keep the spec)
+        return lambda v: np.float64(_round_half_away_f32(v))
