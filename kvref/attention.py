@@ -212,25 +212,29 @@ def attend_slots(q, keys, values, key_positions, end, query_position, window, si
         softmax_tile(values[start:start + n], n, out, work)
 
 
-@register_jitable
-def dequantize_row(row, fmt, out):
-    """Decode one quantized row (ggml blocks, ``kvref/quant.py``) into the float32 scratch ``out`` (head_dim floats),
-    block by block: ``x~_j = d * c_j (+ m)``. Attention decodes one row at a time into this scratch, which stays in
-    L1: there is never a float copy of the store."""
+@register_jitable(forceinline=True)
+def dequantize_row(row, fmt, scratch):
+    """Decode one quantized row (ggml blocks, ``kvref/quant.py``) into ``scratch[:head_dim]``, block by block:
+    ``x~_j = d * c_j (+ m)`` (``scratch[head_dim:head_dim + 32]`` holds one block's codes). Attention decodes one row
+    at a time into this scratch, which stays in L1: there is never a float copy of the store. Returns the row."""
     block_bytes = quant.layout(fmt)[3]
-    for b in range(out.shape[0] // quant.BLOCK):
-        block_out = out[b * quant.BLOCK:(b + 1) * quant.BLOCK]
-        quant.dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt, block_out, block_out)
+    D = scratch.shape[0] - quant.BLOCK
+    out = scratch[:D]
+    codes = scratch[D:]
+    for b in range(D // quant.BLOCK):
+        quant.dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt,
+                               out[b * quant.BLOCK:(b + 1) * quant.BLOCK], codes)
+    return out
 
 
-@register_jitable
-def score_quantized_tile(q, k_tile, n, fmt, scale, work, row):
-    """Scores of a tile of n quantized key rows for the G query heads: each row is decoded once into the scratch
-    ``row`` and used for all G heads (GQA), exactly as :func:`score_tile` widens an fp16 row."""
+@register_jitable(forceinline=True)
+def score_quantized_tile(q, k_tile, n, fmt, scale, work, scratch):
+    """Scores of a tile of n quantized key rows for the G query heads: each row is decoded once (into ``scratch``,
+    head_dim + 32 floats) and used for all G heads (GQA), as :func:`score_tile` widens an fp16 row."""
     G = q.shape[0]
     D = q.shape[1]
     for j in range(n):
-        dequantize_row(k_tile[j], fmt, row)
+        row = dequantize_row(k_tile[j], fmt, scratch)
         for g in range(G):
             q_row = q[g]
             s = np.float32(0.0)
@@ -239,13 +243,13 @@ def score_quantized_tile(q, k_tile, n, fmt, scale, work, row):
             work[g, j] = s * scale
 
 
-@register_jitable
-def accumulate_quantized_rows(v_tile, n, fmt, out, work, row):
-    """``acc[g] += p_j * v~_j`` for n quantized value rows, each decoded once into ``row`` for all G heads."""
+@register_jitable(forceinline=True)
+def accumulate_quantized_rows(v_tile, n, fmt, out, work, scratch):
+    """``acc[g] += p_j * v~_j`` for n quantized value rows, each decoded once (into ``scratch``) for all G heads."""
     G = out.shape[0]
     D = out.shape[1]
     for j in range(n):
-        dequantize_row(v_tile[j], fmt, row)
+        row = dequantize_row(v_tile[j], fmt, scratch)
         for g in range(G):
             p = work[g, j]
             acc_row = out[g]
@@ -254,14 +258,14 @@ def accumulate_quantized_rows(v_tile, n, fmt, out, work, row):
 
 
 @register_jitable
-def attend_quantized_rows(q, keys, values, n_keys, fmt, scale, out, work, row):
+def attend_quantized_rows(q, keys, values, n_keys, fmt, scale, out, work, scratch):
     """Fold quantized key/value rows 0 .. n_keys-1 (all visible; uint8 ggml blocks of format ``fmt``) into the
-    running softmax, a tile at a time: the quantized twin of :func:`attend_rows`. ``row``: a head_dim-float scratch."""
+    running softmax, a tile at a time: the quantized twin of :func:`attend_rows`. ``scratch``: head_dim + 32 floats."""
     for start in range(0, n_keys, TILE):
         n = min(TILE, n_keys - start)
-        score_quantized_tile(q, keys[start:start + n], n, fmt, scale, work, row)
+        score_quantized_tile(q, keys[start:start + n], n, fmt, scale, work, scratch)
         softmax_weights(n, out, work)
-        accumulate_quantized_rows(values[start:start + n], n, fmt, out, work, row)
+        accumulate_quantized_rows(values[start:start + n], n, fmt, out, work, scratch)
 
 
 @register_jitable

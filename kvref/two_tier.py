@@ -164,7 +164,7 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable
 def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
-               work, codes, i, t, h):
+               work, scratch, i, t, h):
     """Attention of the G query heads of KV head h for new token t (position p) of step-sequence i over the keys
     ``p - M < j <= p``: store positions [lo, m), tail positions [m, L), step positions [L, p] (see the docstring)."""
     seq = seq_ids[i]
@@ -182,8 +182,8 @@ def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending
         values = store[layer, 1, seq, h]
         start, n_first, n_second = ring_run(lo, migrated, store.shape[4])
         attend_quantized_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, fmt,
-                              scale, out_heads, work, codes)
-        attend_quantized_rows(q_heads, keys, values, n_second, fmt, scale, out_heads, work, codes)
+                              scale, out_heads, work, scratch)
+        attend_quantized_rows(q_heads, keys, values, n_second, fmt, scale, out_heads, work, scratch)
     tail_lo = max(lo, migrated)
     if tail_lo < length:  # the tail, as stored
         keys = tail[layer, 0, seq, h]
@@ -207,12 +207,12 @@ def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
     n_seq, n_tokens, q_heads, _ = q.shape
     kv_heads = tail.shape[3]
     work = np.empty((q_heads // kv_heads, WORK_COLUMNS), np.float32)
-    codes = np.empty(q.shape[3], np.float32)
+    scratch = np.empty(q.shape[3] + quant.BLOCK, np.float32)  # one dequantized row + one block's codes
     for i in range(n_seq):
         for t in range(n_tokens):
             for h in range(kv_heads):
                 attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale,
-                           out, work, codes, i, t, h)
+                           out, work, scratch, i, t, h)
 
 
 @register_jitable

@@ -8,7 +8,8 @@ import pytest
 
 import kvref
 
-SKIP = {"kvref.cuda", "kvref.cuda.flat", "kvref.cuda.ring"}  # importing numba.cuda here would fix the simulator choice; see tests_cuda
+# importing numba.cuda here would fix the simulator choice; see tests_cuda
+SKIP = {"kvref.cuda", "kvref.cuda.flat", "kvref.cuda.ring", "kvref.cuda.quant", "kvref.cuda.two_tier"}
 
 
 def public_modules():

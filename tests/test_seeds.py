@@ -414,3 +414,231 @@ def test_seed000_element_size():
         assert stats["position_bytes"] == 2 * 3 * 5 * 8
         cache.append(np.ones((2, 3, 7, 2, 8), dtype), np.ones((2, 3, 7, 2, 8), dtype))
         assert cache.keys(0, 1).dtype == np.dtype(dtype) and cache.nbytes == 2 * 2 * 3 * 2 * 5 * 8 * size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 004 on the two-tier cache it described: real bytes, independent K/V scales, per-block per-head scales,
+# honest stats, exact eviction accounting, GQA, migration in batches of any size
+# ---------------------------------------------------------------------------------------------------------------
+def two_tier(backend, fmt="q8_0", dtype="float32", layers=2, q_heads=4, kv_heads=2, head_dim=64, batch=1, tail=4,
+             max_tokens=10, migration=2):
+    shape = CacheShape(layers=layers, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    return kvref.TwoTierCache(shape, batch=batch, tail_tokens=tail, max_tokens=max_tokens, store_format=fmt,
+                              migration_batch=migration, backend=backend)
+
+
+def fp16_scale(block_amax, levels=127):
+    """The fp16 scale ggml stores for a q8_0 block: fp16(float32(amax) / 127)."""
+    return (np.float32(block_amax) / np.float32(levels)).astype(np.float16)
+
+
+@pytest.mark.parametrize("fmt, bytes_per_elem", [("q8_0", 1.0625), ("q4_0", 0.5625)])
+def test_seed004_quantization_is_stored_as_bytes(backend, rng, fmt, bytes_per_elem):
+    """Seed 004 'quantized' into f32 codes, which saved nothing. kvref's store is a uint8 array of ggml blocks: its
+    size is the formula (34 or 18 bytes per 32 elements: 1.0625 or 0.5625 bytes per element, less than fp16's 2),
+    and the bytes of every stored token are gguf's quantization of that token."""
+    cache = two_tier(backend, fmt)
+    k = rng.standard_normal((2, 1, 9, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((2, 1, 9, 2, 64)).astype(np.float32)
+    cache.append(k, v)
+    store = cache.store
+    slots = 10 - 4 + 2 - 1
+    assert store.dtype == np.uint8
+    assert store.shape == (2, 2, 1, 2, slots, 64 // 32 * {"q8_0": 34, "q4_0": 18}[fmt])
+    assert store.nbytes == 2 * 2 * 1 * 2 * slots * 64 * bytes_per_elem
+    stats = cache.stats()
+    n_store = stats["tokens_in_store"][0]
+    assert n_store == 6  # tail 9 - 6 = 3 tokens (R = 4, B = 2)
+    assert stats["store_bytes_used"] / (n_store * 2 * 2 * 2 * 64) == bytes_per_elem < 2 < 4
+    assert stats["store_compression_vs_fp16"] == pytest.approx(2 / bytes_per_elem)
+    for layer in range(2):
+        blocks = cache.store_blocks(layer)
+        assert np.array_equal(blocks[0], oracle.gguf_quantize(k[layer, 0, :n_store].transpose(1, 0, 2), fmt))
+        assert np.array_equal(blocks[1], oracle.gguf_quantize(v[layer, 0, :n_store].transpose(1, 0, 2), fmt))
+
+
+def test_seed004_k_and_v_have_independent_scales(backend, rng):
+    """Seed 004 computed one scale from the keys and applied it to the values too. With keys 1000x larger than the
+    values, that scale rounds every value code to 0 (error = |v|). kvref's V blocks have their own scales: the V error
+    stays within V's own q8_0 bound (amax_V / 254 + fp16 rounding of d), over 100x smaller than the seed's."""
+    cache = two_tier(backend, "q8_0", layers=1)
+    k = (1000 * rng.standard_normal((1, 1, 8, 2, 64))).astype(np.float32)
+    v = rng.standard_normal((1, 1, 8, 2, 64)).astype(np.float32)
+    cache.append(k, v)
+    n_store = cache.tiers()["store"][1]
+    assert n_store == 4
+    v_true = v[0, 0, :n_store].transpose(1, 0, 2)  # (kv_heads, n, D)
+    v_held = cache.values(0)[:, :n_store]
+    v_err = np.abs(v_held.astype(np.float64) - v_true)
+    assert np.all(v_err <= oracle.quant_error_bound(v_true, "q8_0"))
+    k_blocks, v_blocks = cache.store_blocks(0)
+    k_scales = k_blocks[..., :2].copy().view(np.float16).astype(np.float64)  # the first block's d of every row
+    v_scales = v_blocks[..., :2].copy().view(np.float16).astype(np.float64)
+    assert np.all(k_scales > 100 * v_scales)
+    # the seed's way: the keys' scale applied to the values
+    d_keys = np.abs(k[0, 0, :n_store]).max(axis=(1, 2)) / 127  # one per token
+    seed_v = np.round(v[0, 0, :n_store] / d_keys[:, None, None]) * d_keys[:, None, None]
+    seed_err = np.abs(seed_v.transpose(1, 0, 2) - v_true)
+    assert v_err.max() * 100 < seed_err.max()
+
+
+def test_seed004_one_scale_per_32_channel_block_per_head(backend, rng):
+    """Seed 004 used one scale per whole token across all heads. kvref stores one fp16 scale per 32-channel block,
+    per head, per token, K and V apart: here every (token, head, block) of K and of V has its own magnitude (amax
+    3e-3 .. 3e3, all different), each stored q8_0 scale is fp16(that block's amax / 127), and each element's error is
+    within its own block's bound. A per-token scale would wipe out the small blocks (error = their whole size)."""
+    cache = two_tier(backend, "q8_0", layers=1, kv_heads=2, head_dim=128, tail=4, max_tokens=12, migration=4)
+
+    def draw(lo, hi):
+        """(1, 1, 9 tokens, 2 heads, 128): block b of head h of token t has amax exactly 3 * its own magnitude,
+        72 magnitudes spread evenly (factors of 1.1 apart) over 10^lo .. 10^hi; each token gets 8 of them from all
+        over the range (the largest over 1000x its smallest), in a random order over its heads and blocks."""
+        spread = (10.0 ** np.linspace(lo, hi, 9 * 2 * 4)).reshape(8, 9).T  # token t: t, t + 9, ..., t + 63
+        magnitude = rng.permuted(spread, axis=1).reshape(9, 2, 4, 1)
+        x = np.clip(rng.standard_normal((9, 2, 4, 32)), -2.9, 2.9)
+        x[..., 0] = 3.0
+        return (x * magnitude).reshape(1, 1, 9, 2, 128).astype(np.float32)
+
+    k, v = draw(-3, 0), draw(0.05, 3)
+    cache.append(k, v)
+    n_store = cache.tiers()["store"][1]
+    assert n_store == 8
+    scales = {}
+    for kv_index, x in ((0, k), (1, v)):
+        held = x[0, 0, :n_store].transpose(1, 0, 2)  # (heads, n, 128)
+        blocks = cache.store_blocks(0)[kv_index].reshape(2, n_store, 4, 34)
+        scales[kv_index] = blocks[..., :2].copy().view(np.float16)[..., 0]  # (heads, n, 4 blocks)
+        amax = np.abs(held.reshape(2, n_store, 4, 32)).max(axis=-1)
+        assert np.array_equal(scales[kv_index], fp16_scale(amax))
+        got = (cache.keys(0) if kv_index == 0 else cache.values(0))[:, :n_store]
+        err = np.abs(got.astype(np.float64) - held)
+        assert np.all(err <= oracle.quant_error_bound(held, "q8_0"))
+        relative = err.reshape(2, n_store, 4, 32).max(axis=-1) / amax  # worst error of each block / its amax
+        assert relative.max() < 1 / 254 + 1 / 2048
+    both = np.concatenate([scales[0].ravel(), scales[1].ravel()])
+    assert len(np.unique(both)) == both.size == 2 * 2 * n_store * 4, "one scale per block, head, token, K and V"
+    # the seed's per-token scale: the largest block of the token decides, so small blocks round to 0
+    keys = k[0, 0, :n_store].astype(np.float64)  # (n, heads, 128)
+    token_d = np.abs(keys).max(axis=(1, 2), keepdims=True) / 127
+    seed_err = np.abs(np.round(keys / token_d) * token_d - keys).reshape(n_store, 2, 4, 32).max(axis=-1)
+    seed_relative = seed_err / np.abs(keys).reshape(n_store, 2, 4, 32).max(axis=-1)
+    assert seed_relative.max() == 1, "the small blocks of a token round to all zeros"
+
+
+@pytest.mark.parametrize("dtype, element_bytes", [("float16", 2), ("float32", 4)])
+def test_seed004_stats_count_the_tail_dtype(dtype, element_bytes):
+    """Seed 004 called its tail fp16 but counted 4 bytes per element. kvref's tail counts 2 bytes for fp16 (4 for
+    fp32), from the real array."""
+    cache = two_tier("python", "q4_0", dtype=dtype, layers=3, kv_heads=2, head_dim=32, batch=2)
+    cache.append(np.ones((3, 2, 7, 2, 32), dtype), np.ones((3, 2, 7, 2, 32), dtype))
+    stats = cache.stats()
+    assert stats["element_bytes"] == element_bytes == cache.kv.itemsize
+    assert stats["tail_bytes"] == cache.kv.nbytes == 3 * 2 * 2 * 2 * 4 * 32 * element_bytes
+    tail_tokens = sum(stats["tokens_in_tail"])
+    assert tail_tokens == 2 * (7 - 4)
+    assert stats["tail_bytes_used"] == tail_tokens * 2 * 3 * 2 * 32 * element_bytes
+
+
+def test_seed004_compression_ratio_is_original_over_stored(backend, rng):
+    """Seed 004's compression_ratio was tail bytes / store bytes. kvref's is original bytes / stored bytes: what the
+    held tokens would take in fp16 (or fp32) over what they take here, tail and store together; > 1 once tokens are
+    in the store, and equal to 1 for an fp16 tail holding everything."""
+    cache = two_tier(backend, "q4_0", dtype="float16", layers=1, kv_heads=2, head_dim=64, tail=4, max_tokens=40,
+                     migration=4)
+    cache.append(np.ones((1, 1, 4, 2, 64), np.float16), np.ones((1, 1, 4, 2, 64), np.float16))
+    assert cache.stats()["compression_vs_fp16"] == 1.0  # all in the fp16 tail
+    k = rng.standard_normal((1, 1, 30, 2, 64)).astype(np.float16)
+    cache.append(k, k)
+    stats = cache.stats()
+    held, tail = stats["tokens_held"][0], stats["tokens_in_tail"][0]
+    fp16_token = 2 * 1 * 2 * 64 * 2
+    used = tail * fp16_token + (held - tail) * 2 * 1 * 2 * 2 * 18
+    assert stats["bytes_used"] == used
+    assert stats["compression_vs_fp16"] == pytest.approx(held * fp16_token / used)
+    assert stats["compression_vs_fp32"] == pytest.approx(2 * held * fp16_token / used)
+    assert 1 < stats["compression_vs_fp16"] < 2 / 0.5625
+    seed_ratio = stats["tail_bytes_used"] / stats["store_bytes_used"]
+    assert seed_ratio < 1 < stats["compression_vs_fp16"], "the seed's ratio says the cache grew"
+
+
+def test_seed004_eviction_accounting_has_no_drift(backend, rng):
+    """Seed 004's enforce_max_tokens subtracted a count taken after it had shrunk the tail, so total_tokens drifted.
+    Over 150 steps of random sizes (decode, chunks longer than the tail and than max_tokens, on random subsets of
+    sequences) kvref's counts stay exact: held == min(L, M), evicted == L - held, tail + store == held."""
+    tail, max_tokens = 3, 7
+    cache = two_tier(backend, "q4_1", layers=1, q_heads=2, kv_heads=1, head_dim=32, batch=3, tail=tail,
+                     max_tokens=max_tokens, migration=2)
+    lengths = np.zeros(3, int)
+    for _ in range(150):
+        ids = sorted(rng.choice(3, size=rng.integers(1, 4), replace=False).tolist())
+        n = int(rng.choice([1, 1, 1, 2, 4, 9]))
+        k = rng.standard_normal((1, len(ids), n, 1, 32)).astype(np.float32)
+        cache.append(k, k, seq_ids=ids)
+        lengths[ids] += n
+        stats = cache.stats()
+        held = np.minimum(lengths, max_tokens)
+        assert stats["lengths"] == lengths.tolist()
+        assert stats["tokens_held"] == held.tolist()
+        assert stats["tokens_evicted"] == (lengths - held).tolist()
+        assert (np.array(stats["tokens_in_tail"]) + np.array(stats["tokens_in_store"])).tolist() == held.tolist()
+        assert all(0 <= t <= tail for t in stats["tokens_in_tail"])
+        for s in range(3):
+            tiers = cache.tiers(s)
+            assert tiers["evicted"] == (0, lengths[s] - held[s])
+            assert tiers["tail"][1] == lengths[s] and tiers["store"][0] == tiers["evicted"][1]
+            assert cache.store_blocks(0, s).shape[2] == stats["tokens_in_store"][s]
+    assert lengths.min() > 10 * max_tokens
+
+
+def test_seed004_two_tier_attention_is_per_head_with_gqa(backend, rng):
+    """Seed 004's attend() took one dot product over num_kv_heads * head_dim, with no GQA. kvref's two-tier attention
+    (q_heads = 4 > kv_heads = 2, keys partly in the store) equals the per-head GQA oracle over the held values, and
+    differs from the flattened computation."""
+    cache = two_tier(backend, "q8_0", layers=1, q_heads=4, kv_heads=2, head_dim=32, tail=4, max_tokens=10)
+    k = rng.standard_normal((1, 1, 9, 2, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 9, 2, 32)).astype(np.float32)
+    q = rng.standard_normal((1, 1, 4, 32)).astype(np.float32)
+    cache.append(k[:, :, :8], v[:, :, :8])
+    assert cache.tiers()["store"] == (0, 4)  # 8 - R = 4 overflow, in batches of B = 2
+    keys = np.concatenate([cache.keys(0), k[0, 0, 8:].transpose(1, 0, 2)], axis=1)
+    values = np.concatenate([cache.values(0), v[0, 0, 8:].transpose(1, 0, 2)], axis=1)
+    step = cache.plan(1)
+    cache.write(step, 0, k[0, :, 8:], v[0, :, 8:])
+    out = cache.attend(step, 0, q)[0, 0]
+    scale = float(kvref.default_scale(32))
+    np.testing.assert_allclose(out, oracle.decode_attention_gqa(q[0, 0], keys, values, scale), rtol=0, atol=1e-5)
+    flat_q = q[0, 0, :2].reshape(-1)
+    wrong = oracle.attention(flat_q, keys.transpose(1, 0, 2).reshape(9, -1), values.transpose(1, 0, 2).reshape(9, -1),
+                             1 / math.sqrt(64)).reshape(2, 32)
+    assert not np.allclose(out[:2], wrong, atol=1e-3)
+
+
+def test_seed004_migration_in_batches_of_any_size(backend, rng):
+    """Seed 004 migrated token by token. ggml's blocks run along head_dim within one token, so a token's bytes do not
+    depend on which tokens migrate with it: batches of 1, 2, 3 and R = 4 (and a prefill straight into the store)
+    give the same bytes for every stored position, equal to gguf's quantization of that token alone. No minimum batch
+    is needed. KIVI-style per-channel *key* quantization groups each channel over G tokens; a batch of one token
+    gives every channel a group with min = max (scale 0: nothing is quantized, VeloxQuant-MLX #162), so such a cache
+    would need batches that are multiples of G. kvref does not quantize per channel."""
+    k = rng.standard_normal((1, 1, 12, 1, 32)).astype(np.float32)
+    stored = {}
+    for migration in (1, 2, 3, 4):
+        for prefill in (False, True):
+            cache = two_tier(backend, "q4_0", layers=1, q_heads=2, kv_heads=1, head_dim=32, tail=4, max_tokens=12,
+                             migration=migration)
+            if prefill:
+                cache.append(k, k)
+            else:
+                for p in range(12):
+                    cache.append(k[:, :, p:p + 1], k[:, :, p:p + 1])
+            lo, hi = cache.tiers()["store"]
+            assert 4 - migration + 1 <= 12 - hi <= 4
+            blocks = cache.store_blocks(0)[0, 0]
+            for p in range(lo, hi):
+                assert np.array_equal(blocks[p - lo], oracle.gguf_quantize(k[0, 0, p, 0], "q4_0"))
+                stored.setdefault(p, blocks[p - lo].tobytes())
+                assert stored[p] == blocks[p - lo].tobytes()
+    assert len(stored) >= 8
+    # KIVI's per-channel grouping over a batch of one token: a zero range in every channel
+    one_token = k[0, 0, :1, 0]  # (1 token, 32 channels)
+    assert np.all(one_token.max(axis=0) - one_token.min(axis=0) == 0)

@@ -29,9 +29,9 @@ def _attend_tokens_parallel(tail, store, layer, seq_ids, positions, tiers, pendi
     for item in prange(n_seq * n_tokens * kv_heads):
         i, t, h = work_item(item, n_tokens, kv_heads)
         work = np.empty((group, WORK_COLUMNS), np.float32)
-        codes = np.empty(q.shape[3], np.float32)
+        scratch = np.empty(q.shape[3] + BLOCK, np.float32)
         two_tier.attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
-                            scale, out, work, codes, i, t, h)
+                            scale, out, work, scratch, i, t, h)
 
 
 attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTION_FASTMATH, parallel=True)

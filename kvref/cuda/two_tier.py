@@ -51,7 +51,7 @@ def _append_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k
 
 
 def _attend_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale,
-                        out, work, codes):
+                        out, work, scratch):
     """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
     n_seq, n_tokens = positions.shape
     kv_heads = tail.shape[3]
@@ -59,7 +59,7 @@ def _attend_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k
     if item < n_seq * n_tokens * kv_heads:
         i, t, h = work_item(item, n_tokens, kv_heads)
         two_tier.attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
-                            scale, out, work[item], codes[item], i, t, h)
+                            scale, out, work[item], scratch[item], i, t, h)
 
 
 _migrate_kernel = cuda.jit(_migrate_kernel_body)
@@ -121,11 +121,11 @@ def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
     kv_heads = tail.shape[3]
     n_items = n_seq * n_tokens * kv_heads
     blocks, threads, work = attend_launch(n_items, q_heads // kv_heads)
-    codes = cuda.device_array((n_items, q.shape[3]), np.float32)
+    scratch = cuda.device_array((n_items, q.shape[3] + BLOCK), np.float32)
     d_out = result_array(out)
     _attend_kernel[blocks, threads](tail, store, int(layer), on_device(seq_ids), on_device(positions),
                                     on_device(tiers), on_device(pending_k), on_device(pending_v), int(window),
-                                    int(fmt), on_device(q), np.float32(scale), d_out, work, codes)
+                                    int(fmt), on_device(q), np.float32(scale), d_out, work, scratch)
     copy_result(d_out, out)
     return out
 
