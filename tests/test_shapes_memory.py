@@ -1,5 +1,8 @@
 """kvref.shapes and kvref.memory: presets against published config.json values, byte offsets against real NumPy
-strides and addresses, and every memory formula against the ``nbytes`` of a really allocated FlatCache."""
+strides and addresses, and every memory formula against the ``nbytes`` of a really allocated cache (flat, ring
+and two-tier) and against the bytes a filled two-tier cache reports using."""
+
+import math
 
 import numpy as np
 import pytest
@@ -329,3 +332,86 @@ def test_ring_memory_rejects_bad_sizes(call, argument):
     with pytest.raises(ShapeError) as info:
         call(s)
     assert info.value.argument == argument
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two-tier memory formulas against real TwoTierCache arrays
+# ---------------------------------------------------------------------------------------------------------------
+TWO_TIER_SHAPES = [
+    CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=32, dtype="float16"),
+    CacheShape(layers=1, q_heads=8, kv_heads=1, head_dim=64, dtype="float32"),
+    CacheShape(layers=3, q_heads=6, kv_heads=3, head_dim=96, dtype="float16"),
+    CacheShape(layers=2, q_heads=2, kv_heads=2, head_dim=128, dtype="float32"),
+]
+#: bytes per block of 32 elements (ggml-common.h, facts file §1.1)
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
+
+
+@pytest.mark.parametrize("shape", TWO_TIER_SHAPES,
+                         ids=lambda s: f"L{s.layers}q{s.q_heads}kv{s.kv_heads}d{s.head_dim}{s.dtype}")
+@pytest.mark.parametrize("fmt", list(BLOCK_BYTES))
+@pytest.mark.parametrize("batch, tail_tokens, max_tokens, migration_batch", [(1, 4, 4, 1), (1, 8, 30, 3),
+                                                                             (3, 16, 40, 16), (2, 5, 9, 2)])
+def test_two_tier_bytes_equal_allocated_nbytes(shape, fmt, batch, tail_tokens, max_tokens, migration_batch):
+    """two_tier_bytes = a real TwoTierCache's nbytes = its tail array (R slots in the shape's dtype) plus its store
+    array (S = M - R + B - 1 slots of head_dim / 32 blocks per KV head, K and V, every layer)."""
+    cache = kvref.TwoTierCache(shape, batch=batch, tail_tokens=tail_tokens, max_tokens=max_tokens, store_format=fmt,
+                               migration_batch=migration_batch, backend="python")
+    slots = max_tokens - tail_tokens + migration_batch - 1
+    row = shape.head_dim // 32 * BLOCK_BYTES[fmt]
+    tail = 2 * shape.layers * batch * shape.kv_heads * tail_tokens * shape.head_dim * shape.element_bytes
+    store = 2 * shape.layers * batch * shape.kv_heads * slots * row
+    assert memory.two_tier_bytes(shape, batch, tail_tokens, max_tokens, fmt, migration_batch) == cache.nbytes
+    assert cache.nbytes == tail + store == cache.kv.nbytes + cache.store.nbytes
+    assert cache.kv.nbytes == tail and cache.store.nbytes == store and cache.store.shape[-2:] == (slots, row)
+    assert memory.store_bytes_per_token(shape, fmt) == 2 * shape.layers * shape.kv_heads * row
+    if slots:  # M = R with B = 1 needs no store at all: a token leaves the tail exactly when it is evicted
+        assert memory.store_bytes_per_token(shape, fmt) == cache.store[:, :, 0, :, 0].nbytes
+    stats = cache.stats()
+    assert (stats["tail_bytes"], stats["store_bytes"], stats["nbytes"]) == (tail, store, cache.nbytes)
+    assert stats["store_compression_vs_fp16"] == pytest.approx(shape.head_dim * 2 / row)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q5_1"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_two_tier_held_bytes_equal_bytes_used(fmt, dtype):
+    """Fill a two-tier cache past M (a prefill longer than R, decode steps, a chunk, with different lengths per
+    sequence): after every step, two_tier_held_bytes of each sequence's held and tail tokens sums to
+    stats()["bytes_used"], and the tokens per tier follow min(L, M) held, of which L - m in the tail."""
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=32, dtype=dtype)
+    R, M, B = 6, 14, 4
+    cache = kvref.TwoTierCache(shape, batch=2, tail_tokens=R, max_tokens=M, store_format=fmt, migration_batch=B,
+                               backend="python")
+    rng = np.random.default_rng(0)
+    for num_tokens, seq_ids in [(9, [0, 1]), (1, [0, 1]), (3, [1]), (1, [0, 1]), (12, [0]), (1, [1, 0])] + \
+            [(1, [0, 1])] * 4:
+        step = cache.plan(num_tokens, seq_ids)
+        dims = (len(seq_ids), num_tokens, shape.kv_heads, shape.head_dim)
+        for layer in range(shape.layers):
+            cache.write(step, layer, rng.standard_normal(dims).astype(shape.public_dtype),
+                        rng.standard_normal(dims).astype(shape.public_dtype))
+        cache.advance(step)
+        stats = cache.stats()
+        expected = 0
+        for seq in range(2):
+            length = cache.get_seq_length(seq)
+            migrated = B * math.ceil((length - R) / B) if length > R else 0
+            held, tail = min(length, M), length - migrated
+            assert stats["tokens_held"][seq] == held and stats["tokens_in_tail"][seq] == tail
+            expected += memory.two_tier_held_bytes(shape, held, tail, fmt)
+        assert stats["bytes_used"] == expected
+        assert stats["bytes_used"] == stats["tail_bytes_used"] + stats["store_bytes_used"]
+    assert cache.lengths.tolist() == [28, 19] and stats["tokens_evicted"] == [14, 5]
+    # compression against fp16: held tokens * fp16 bytes per token / bytes used
+    fp16_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
+    assert stats["compression_vs_fp16"] == pytest.approx(2 * M * fp16_token / stats["bytes_used"])
+
+
+def test_two_tier_known_sizes():
+    """Numbers worked out by hand: Llama-3-8B fp16, one token in the store: 2 * 32 layers * 8 KV heads *
+    (128 / 32 blocks * 34 bytes) = 68 KiB for q8_0, 36 KiB for q4_0, against 128 KiB in fp16."""
+    llama = kvref.preset("llama-3-8b")
+    assert memory.store_bytes_per_token(llama, "q8_0") == 68 * 1024
+    assert memory.store_bytes_per_token(llama, "q4_0") == 36 * 1024
+    assert memory.two_tier_bytes(llama, 1, 256, 8192, "q8_0", 64) == 256 * 128 * 1024 + 7999 * 68 * 1024
+    assert memory.two_tier_held_bytes(llama, 8192, 256, "q4_0") == 256 * 128 * 1024 + 7936 * 36 * 1024

@@ -26,8 +26,25 @@ Figures of the ring cache (``kvref/ring.py``):
 * :func:`chunked_prefill_figure`  the keys a chunk's queries need vs those a write-first ring still holds
                                 (:func:`chunked_prefill_events`)
 
-:func:`check_backends` compares every available backend, flat and ring, with :func:`reference_attention`, a float64
-NumPy attention computed from the K/V fed to the cache, before anything is timed.
+Figures of the two-tier cache (``kvref/two_tier.py``) and ggml's quantized blocks (``kvref/quant.py``):
+
+* :func:`quant_blocks_figure`   the bytes of one q8_0 and one q4_0 block of a real vector: the fp16 scale d, the
+                                codes, and the nibble order (element j low, j + 16 high) (:func:`quant_block_layout`)
+* :func:`quant_error_figure`    true RMSE and max |error| of every format against bits per element, the worst error
+                                per block against its bound, and llama.cpp's own metric against its 0.002 threshold
+                                (:func:`quant_error_rows`)
+* :func:`two_tier_timeline_figure`  the tier (evicted / store / tail) of every position of a real TwoTierCache after
+                                each step: batched migration, a prefill straight into its tiers, exact eviction
+                                (:func:`two_tier_timeline_events`)
+* :func:`two_tier_memory_figure`  bytes vs tokens generated: flat fp16 vs two-tier q8_0 / q4_0 (Llama-3-8B), and a
+                                small real cache's measured ``stats()["bytes_used"]`` (:func:`two_tier_memory_samples`)
+* :func:`two_tier_error_figure`  attention-output error of a real TwoTierCache against an fp32 FlatCache vs the tail
+                                length R (:func:`two_tier_error_rows`), and after a prefill, kvref's tiers vs quantizing
+                                the whole prompt as Hugging Face does (:func:`prefill_tier_rows`)
+
+:func:`check_backends` compares every available backend, flat, ring and two-tier, with :func:`reference_attention`, a
+float64 NumPy attention computed from the K/V fed to the cache (for the two-tier cache: its store's dequantized
+values, computed here from what was fed), before anything is timed.
 """
 
 import os
@@ -36,16 +53,18 @@ import time
 import numpy as np
 from matplotlib.figure import Figure
 
-from .. import memory
+from .. import memory, quant
 from ..backends import backends
 from ..errors import CacheOverflowError
 from ..flat import FlatCache
 from ..ring import RingCache
 from ..shapes import PRESETS, CacheShape, element_offset, preset
+from ..two_tier import TwoTierCache, migrate_to
 
 #: the figures ``python -m kvref.plots`` writes, in order (file stem -> what it shows)
 FIGURE_NAMES = ("memory", "cost", "flat_timeline", "layouts", "ring_timeline", "ring_memory", "window_conventions",
-                "chunked_prefill")
+                "chunked_prefill", "quant_blocks", "quant_error", "two_tier_timeline", "two_tier_memory",
+                "two_tier_error")
 
 #: one-line caption of each figure (index.html)
 FIGURE_CAPTIONS = {
@@ -63,6 +82,20 @@ FIGURE_CAPTIONS = {
                           "or W + 1 where the parameter is misread.",
     "chunked_prefill": "Why kvref defers a chunk that wraps the ring: written first, it overwrites keys its own "
                        "earlier queries need (LLMs-from-scratch #1013).",
+    "quant_blocks": "The bytes of one q8_0 and one q4_0 block of a real vector (kvref.quant.quantize): the fp16 "
+                    "scale d, then the codes; q4_0 packs element j in the low nibble of byte j and element j + 16 in "
+                    "its high nibble.",
+    "quant_error": "True RMSE and max |error| of each ggml format vs bits per element (llama.cpp's test data "
+                   "0.1 + 2 cos(i) and N(0, 1)); the worst error per block vs its bound (q4_0: amax/8, the clamp); "
+                   "llama.cpp's array_rmse = sqrt(sum e^2)/n, i.e. true RMSE / sqrt(n), vs its 0.002 threshold.",
+    "two_tier_timeline": "The tier of every position of a real TwoTierCache (R = 8, B = 4, M = 24, q4_0) after each "
+                         "step: a prefill longer than R goes straight to its tiers, migration moves B tokens at a "
+                         "time, eviction keeps exactly M.",
+    "two_tier_memory": "Bytes vs tokens generated, Llama-3-8B: flat fp16 vs two-tier q8_0 / q4_0 with an fp16 tail "
+                       "of 256 (formulas), checked by a small real TwoTierCache's measured stats()['bytes_used'].",
+    "two_tier_error": "Attention-output error (NMSE) of a real TwoTierCache against an fp32 FlatCache fed the same "
+                      "random K/V/Q, vs the tail length R; and after a prefill, kvref's tiers vs quantizing the whole "
+                      "prompt (transformers #35185).",
 }
 
 #: largest accepted max |error| of a backend's attention against the float64 reference. The python backend is the
@@ -220,11 +253,93 @@ def ring_backend_max_error(backend, dtype="float32", seed=0, window=6, sinks_opt
     return worst
 
 
+def round_trip(x, fmt, backend="python"):
+    """``x`` (float32, last dimension a multiple of 32) as format ``fmt`` holds it: quantized and dequantized by
+    :func:`kvref.quant.quantize` / :func:`kvref.quant.dequantize`, or rounded to fp16 (the tail) for ``"f16"``."""
+    x = np.ascontiguousarray(x, np.float32)
+    if fmt == "f16":
+        return x.astype(np.float16).astype(np.float32)
+    return quant.dequantize(quant.quantize(x, fmt, backend=backend), fmt, x.shape, backend=backend)
+
+
+class TwoTierHistory:
+    """Every K/V row fed to one layer and sequence of a two-tier cache, in position order, twice: as fed (what the
+    tail holds) and as the store would hold it (:func:`round_trip` of the same values, python backend). Both are
+    written out here from what was fed, never read back from the cache.
+
+    A token is quantized once, from the value it was written with, so the store of a correct cache holds exactly
+    ``stored`` for its positions. :meth:`expected` is the float64 attention of a step over the tiers as they were
+    before it: positions below m (the tokens migrated before the step) from ``stored``, the rest from ``fed``.
+    """
+
+    def __init__(self, kv_heads, head_dim, fmt):
+        self.fmt = fmt
+        empty = np.zeros((kv_heads, 0, head_dim))
+        self.fed = [empty, empty]
+        self.stored = [empty, empty]
+
+    def add(self, k, v):
+        """Append the rows of one step: k, v (T, kv_heads, head_dim) in the cache's dtype."""
+        for kv_index, rows in enumerate((k, v)):
+            rows = np.asarray(rows).astype(np.float32).transpose(1, 0, 2)
+            self.fed[kv_index] = np.concatenate([self.fed[kv_index], rows.astype(np.float64)], axis=1)
+            self.stored[kv_index] = np.concatenate([self.stored[kv_index],
+                                                    round_trip(rows, self.fmt).astype(np.float64)], axis=1)
+
+    def expected(self, q, positions, migrated, window, scale):
+        """Float64 attention of the step's queries q (T, q_heads, D) at ``positions`` with the window rule
+        ``i - M < j <= i`` (M = ``window``), reading positions below ``migrated`` from the store."""
+        keys, values = (np.concatenate([s[:, :migrated], f[:, migrated:]], axis=1)
+                        for s, f in zip(self.stored, self.fed))
+        return reference_attention(q, keys, values, positions, scale, window)
+
+
+#: steps of :func:`two_tier_backend_max_error`: (tokens, sequences). Sequence 0: a prefill longer than R (straight
+#: to both tiers), decode steps that migrate a batch, then a chunk longer than M (evicts, stores some new tokens
+#: directly, never stores others); sequence 1 on its own schedule
+TWO_TIER_CHECK_STEPS = ((8, [0, 1]), (4, [1]), (1, [0, 1]), (1, [1, 0]), (2, [0]), (14, [0]), (1, [0, 1]),
+                        (3, [1]), (1, [1, 0]))
+
+
+def two_tier_backend_max_error(backend, dtype="float32", seed=0, formats=None, tail_tokens=6, max_tokens=12,
+                               migration_batch=3):
+    """Max |attend - reference| over small runs of a TwoTierCache on one backend, once per store format: two
+    sequences through :data:`TWO_TIER_CHECK_STEPS` (both rings wrap), every layer, every step. The reference is
+    :meth:`TwoTierHistory.expected`: float64 attention over the cache's dequantized store and its tail, computed from
+    the K/V fed. ``formats`` defaults to every format on the compiled backends and to q8_0, q4_0 and q5_1 (each
+    kind of block: int8 codes, nibbles, nibbles with a 5th bit and a minimum) on the slow python spec. Returns a
+    float."""
+    if formats is None:
+        formats = ("q8_0", "q4_0", "q5_1") if backend == "python" else tuple(quant.FORMATS)
+    rng = np.random.default_rng(seed)
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=32, dtype=dtype)
+    scale = 1.0 / np.sqrt(shape.head_dim)
+    worst = 0.0
+    for fmt in formats:
+        cache = TwoTierCache(shape, batch=2, tail_tokens=tail_tokens, max_tokens=max_tokens, store_format=fmt,
+                             migration_batch=migration_batch, backend=backend)
+        history = [[TwoTierHistory(shape.kv_heads, shape.head_dim, fmt) for _ in range(2)]
+                   for _ in range(shape.layers)]
+        for num_tokens, seq_ids in TWO_TIER_CHECK_STEPS:
+            step = cache.plan(num_tokens, seq_ids)
+            for layer in range(shape.layers):
+                k, v, q = random_step_inputs(rng, shape, len(seq_ids), num_tokens)
+                cache.write(step, layer, k, v)
+                out = cache.attend(step, layer, q)
+                for i, seq in enumerate(seq_ids):
+                    h = history[layer][seq]
+                    h.add(k[i], v[i])
+                    expected = h.expected(q[i], step.positions[i], int(step.tiers[i, 0]), max_tokens, scale)
+                    worst = max(worst, float(np.max(np.abs(out[i] - expected))))
+            cache.advance(step)
+    return worst
+
+
 #: the backend check of each cache variant: variant -> function(backend, dtype) returning the max |error|
-VARIANT_CHECKS = {"flat": backend_max_error, "ring": ring_backend_max_error}
+VARIANT_CHECKS = {"flat": backend_max_error, "ring": ring_backend_max_error, "two_tier": two_tier_backend_max_error}
 
 
-def check_backends(names=None, dtypes=("float32", "float16"), variants=("flat", "ring")):
+def check_backends(names=None, dtypes=("float32", "float16"), variants=("flat", "ring", "two_tier")):
     """Check every available backend, for every cache variant, against :func:`reference_attention`.
 
     Returns a list of dicts: backend, variant, dtype, available, reason, max_error, tolerance, ok, seconds. A
@@ -1154,13 +1269,822 @@ def chunked_prefill_figure(window=4, prefix=3, chunk=3):
     return fig
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 9. ggml's quantized blocks: the bytes of one block, and the error of each format
+# ---------------------------------------------------------------------------------------------------------------
+#: llama.cpp ``tests/test-quantize-fns.cpp``: MAX_QUANTIZATION_TOTAL_ERROR, the bound for q8_0, q4_0, q4_1, q5_0,
+#: q5_1 (and f16) on its test data, in its own metric (:func:`llama_cpp_rmse`)
+LLAMA_CPP_TOTAL_ERROR = 0.002
+
+#: the "total error" that ``test-quantize-fns -v`` printed for llama.cpp c392e509 built for the CPU (AVX2)
+#: (``shared/reference/quant_and_ring_facts.md`` §4); f16 is the format of kvref's tail
+LLAMA_CPP_MEASURED = {"f16": 0.000004, "q8_0": 0.000074, "q4_0": 0.001121, "q4_1": 0.001144, "q5_0": 0.000591,
+                      "q5_1": 0.000556}
+
+#: the largest error of one element, as a fraction of its block's statistic, without the fp16 rounding of d (and m):
+#: format -> (statistic, bound). Symmetric formats map the signed extreme M to the lowest code exactly, but a value
+#: of the other sign and the same magnitude reaches only the highest code: the clamp costs one step d = amax/8
+#: (q4_0) or amax/16 (q5_0), more than the rounding's d/2. q8_0 (d = amax/127, codes -127..127) only rounds: amax/254.
+#: The affine formats round to a step of range/15 or range/31. fp16 rounds to 11 significant bits.
+QUANT_BOUNDS = {"f16": ("amax", 1 / 2048), "q8_0": ("amax", 1 / 254), "q4_0": ("amax", 1 / 8),
+                "q4_1": ("range", 1 / 30), "q5_0": ("amax", 1 / 16), "q5_1": ("range", 1 / 62)}
+
+QUANT_COLORS = {"f16": "#7f7f7f", "q8_0": "#1f77b4", "q5_1": "#9467bd", "q5_0": "#17becf", "q4_1": "#bcbd22",
+                "q4_0": "#2ca02c"}
+STORE_COLOR = "#6baed6"
+TAIL_COLOR = "#fd8d3c"
+EVICTED_COLOR = "#e0e0e0"
+
+
+def format_bits(fmt):
+    """Bits per element of a store format, or 16 for "f16" (the tail)."""
+    return 16.0 if fmt == "f16" else quant.FORMATS[fmt][2]
+
+
+def llama_cpp_test_data(n=4096, offset=0.0):
+    """The data of llama.cpp's ``test-quantize-fns``: ``x[i] = 0.1 + 2*cosf(i + offset)`` as float32 (its
+    ``generate_data``: the cosine in float32, the sum with the double 0.1 in double, stored as float)."""
+    c = np.cos(np.arange(n, dtype=np.float32) + np.float32(offset))
+    return (0.1 + 2.0 * c.astype(np.float64)).astype(np.float32)
+
+
+def llama_cpp_rmse(a, b):
+    """llama.cpp's ``array_rmse`` as it is: ``sqrtf(sum (a - b)^2) / n``. That is the true RMSE divided by sqrt(n),
+    not the RMSE: at n = 4096 it is 64 times smaller, so its 0.002 threshold means a true RMSE below 0.128."""
+    e = np.asarray(a, np.float64).ravel() - np.asarray(b, np.float64).ravel()
+    return float(np.float32(np.sqrt(np.sum(e * e)))) / e.size
+
+
+def quant_error_rows(formats=("f16",) + tuple(quant.FORMATS), n=4096, normal_n=32768, backend="python", seed=0):
+    """The error of each format on llama.cpp's test data (:func:`llama_cpp_test_data`, n values) and on
+    ``normal_n`` N(0, 1) values, through :func:`round_trip` (kvref.quant.quantize / dequantize on ``backend``; every
+    backend gives the same bytes, and the python spec needs no compiling).
+
+    Returns one dict per format: format, bits (per element), bytes_per_block (32 elements), cos_rmse, cos_max,
+    normal_rmse, normal_max (true RMSE and max |error|), block_stat and bound (:data:`QUANT_BOUNDS`), worst_block
+    (the largest max |error| of a block divided by its amax or range, both data sets), llama_cpp_metric
+    (:func:`llama_cpp_rmse` on the test data), llama_cpp_threshold (0.002), llama_cpp_passes (metric < threshold,
+    as the test checks) and llama_cpp_measured (:data:`LLAMA_CPP_MEASURED`).
+    """
+    cos = llama_cpp_test_data(n)
+    normal = np.random.default_rng(seed).standard_normal(normal_n).astype(np.float32)
+    rows = []
+    for fmt in formats:
+        stat, bound = QUANT_BOUNDS[fmt]
+        row = {"format": fmt, "bits": format_bits(fmt),
+               "bytes_per_block": 64 if fmt == "f16" else quant.FORMATS[fmt][1], "block_stat": stat, "bound": bound}
+        worst = 0.0
+        for name, x in (("cos", cos), ("normal", normal)):
+            y = round_trip(x, fmt, backend)
+            e = np.abs(y.astype(np.float64) - x)
+            row[f"{name}_rmse"] = float(np.sqrt(np.mean(e * e)))
+            row[f"{name}_max"] = float(e.max())
+            blocks = x.reshape(-1, quant.BLOCK).astype(np.float64)
+            size = (np.abs(blocks).max(axis=1) if stat == "amax" else blocks.max(axis=1) - blocks.min(axis=1))
+            worst = max(worst, float(np.max(e.reshape(-1, quant.BLOCK).max(axis=1) / size)))
+            if name == "cos":
+                row["llama_cpp_metric"] = llama_cpp_rmse(x, y)
+        row["worst_block"] = worst
+        row["llama_cpp_threshold"] = LLAMA_CPP_TOTAL_ERROR
+        row["llama_cpp_passes"] = row["llama_cpp_metric"] < LLAMA_CPP_TOTAL_ERROR
+        row["llama_cpp_measured"] = LLAMA_CPP_MEASURED.get(fmt)
+        rows.append(row)
+    return rows
+
+
+def quant_error_figure(rows=None, n=4096):
+    """Three panels from :func:`quant_error_rows`: (a) true RMSE and max |error| vs bits per element (each bit
+    halves the error); (b) the worst error in a block as a fraction of its amax or range, against the bound of each
+    format; (c) llama.cpp's ``array_rmse`` (= true RMSE / sqrt(n)) against its threshold 0.002, next to what
+    llama.cpp itself printed."""
+    rows = rows or quant_error_rows(n=n)
+    fig = Figure(figsize=(16, 5.4), layout="constrained")
+    ax_bits, ax_block, ax_llama = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.25, 1, 1]})
+    names = [r["format"] for r in rows]
+    colors = [QUANT_COLORS.get(f, "#333333") for f in names]
+
+    # (a) error vs bits (the store formats; fp16, the tail's format, as lines)
+    stores = sorted((r for r in rows if r["format"] != "f16"), key=lambda r: r["bits"])
+    for key, marker, label in (("cos_rmse", "o", "RMSE, llama.cpp data 0.1 + 2 cos(i)"),
+                               ("normal_rmse", "s", "RMSE, N(0, 1)"),
+                               ("cos_max", "^", "max |error|, llama.cpp data"),
+                               ("normal_max", "v", "max |error|, N(0, 1)")):
+        filled = key.startswith("cos")
+        ax_bits.plot([r["bits"] for r in stores], [r[key] for r in stores], ls=":", color="#999999", lw=0.8)
+        for r in stores:
+            c = QUANT_COLORS.get(r["format"], "#333333")
+            ax_bits.plot(r["bits"], r[key], marker, color=c, mfc=c if filled else "white", ms=7, ls="none")
+        ax_bits.plot([], [], marker, color="#555555", mfc="#555555" if filled else "white", ls="none", label=label)
+    if stores:
+        q8 = next((r for r in stores if r["format"] == "q8_0"), stores[-1])
+        bits = np.linspace(4.2, 9, 30)
+        ax_bits.plot(bits, q8["normal_rmse"] * 2.0 ** (q8["bits"] - bits), "--", color="#bbbbbb", lw=1,
+                     label="x 1/2 per extra bit")
+        ax_bits.set_xticks([r["bits"] for r in stores], [f"{r['bits']:g}\n{r['format']}" for r in stores])
+        for label, r in zip(ax_bits.get_xticklabels(), stores):
+            label.set_color(QUANT_COLORS.get(r["format"], "#333333"))
+    for r in rows:
+        if r["format"] == "f16":
+            ax_bits.axhline(r["cos_rmse"], color=QUANT_COLORS["f16"], ls="-.", lw=1,
+                            label=f"f16 (the tail, 16 bits): RMSE {r['cos_rmse']:.1e}, max {r['cos_max']:.1e}")
+    ax_bits.set_xlim(4.1, 9)
+    ax_bits.set_yscale("log")
+    ax_bits.set_xlabel("bits per element (codes + the fp16 scale d, and m, shared by 32 elements)")
+    ax_bits.set_ylabel("error of one element (data scale ~ 1)")
+    ax_bits.set_title("(a) error vs bits per element (kvref.quant.quantize -> dequantize)", fontsize=10)
+    ax_bits.legend(fontsize=7.5, loc="lower left")
+    ax_bits.grid(alpha=0.3, which="both")
+
+    # (b) the worst element of a block vs its bound
+    x = np.arange(len(rows))
+    ax_block.bar(x, [r["worst_block"] for r in rows], 0.6, color=colors, alpha=0.85, label="measured (both data sets)")
+    for i, r in enumerate(rows):
+        ax_block.plot([i - 0.38, i + 0.38], [r["bound"]] * 2, color="black", lw=2,
+                      label="bound without the fp16 rounding of d (and m)" if i == 0 else None)
+        frac = f"1/{round(1 / r['bound'])}"
+        ax_block.annotate(f"{r['worst_block']:.4f}\n≤ {frac} {r['block_stat']}",
+                          (i, max(r["worst_block"], r["bound"])), xytext=(0, 3), textcoords="offset points",
+                          ha="center", va="bottom", fontsize=7.5)
+    ax_block.set_yscale("log")
+    ax_block.set_ylim(min(r["bound"] for r in rows) / 3, max(r["bound"] for r in rows) * 6)
+    ax_block.set_xticks(x, names)
+    ax_block.set_ylabel("max |error| in a block / the block's amax (or range)")
+    ax_block.set_title("(b) the worst element of a block: q4_0's clamp costs d = amax/8\n"
+                       "(the extreme maps to -8 d exactly; the other sign reaches only +7 d)", fontsize=10)
+    ax_block.legend(fontsize=7.5, loc="upper left")
+    ax_block.grid(alpha=0.3, axis="y", which="both")
+
+    # (c) llama.cpp's metric, as it is
+    ax_llama.bar(x, [r["llama_cpp_metric"] for r in rows], 0.6, color=colors, alpha=0.85,
+                 label="kvref, in llama.cpp's metric")
+    measured = [(i, r["llama_cpp_measured"]) for i, r in enumerate(rows) if r["llama_cpp_measured"] is not None]
+    ax_llama.plot([i for i, _ in measured], [m for _, m in measured], "kx", ms=9, mew=2,
+                  label="printed by llama.cpp's test-quantize-fns (AVX2 build)")
+    ax_llama.axhline(LLAMA_CPP_TOTAL_ERROR, color="#d62728", ls="--", lw=1.2,
+                     label=f"MAX_QUANTIZATION_TOTAL_ERROR = {LLAMA_CPP_TOTAL_ERROR}")
+    for i, r in enumerate(rows):
+        ax_llama.annotate(f"{r['llama_cpp_metric']:.6f}", (i, r["llama_cpp_metric"]), xytext=(0, -3),
+                          textcoords="offset points", ha="center", va="top", fontsize=7, rotation=90,
+                          color="white" if r["format"] != "f16" else "black")
+    ax_llama.set_yscale("log")
+    ax_llama.set_ylim(1e-6, 0.05)
+    ax_llama.set_xticks(x, names)
+    ax_llama.set_ylabel("array_rmse = sqrt(sum e²) / n")
+    root = np.sqrt(n)
+    right = ax_llama.secondary_yaxis("right", functions=(lambda v: v * root, lambda v: v / root))
+    right.set_ylabel(f"true RMSE = array_rmse · sqrt(n) = · {root:g}")
+    ax_llama.set_title(f"(c) llama.cpp's metric as it is (n = {n}): it divides by n, not sqrt(n),\nso 0.002 means a "
+                       f"true RMSE below {LLAMA_CPP_TOTAL_ERROR * root:.3f}; every format passes", fontsize=10)
+    ax_llama.legend(fontsize=7.5, loc="upper left")
+    ax_llama.grid(alpha=0.3, axis="y", which="both")
+    fig.suptitle("ggml's block formats: 32 elements share one fp16 scale; error vs bits, per block, and in "
+                 "llama.cpp's own test", fontsize=12)
+    return fig
+
+
+def quant_block_layout(x, fmt, backend="python"):
+    """One block of 32 floats in ggml format ``fmt``, byte by byte, from :func:`kvref.quant.quantize`.
+
+    The codes are read back from the bytes here, by the rules written out in ``kvref/quant.py`` (q8_0: byte 2 + j is
+    the int8 code of element j; 4/5-bit formats: byte j of qs holds element j in its low nibble and element j + 16 in
+    its high nibble, bit j of the little-endian uint32 qh is the 5th bit of element j), and the values rebuilt from
+    them must equal :func:`kvref.quant.dequantize` (else AssertionError).
+
+    Returns a dict: format, x (32 float32), bytes (list of ints), d and m (the stored fp16 scale and minimum as
+    floats; m None for the symmetric formats), d_bits (fp16 bit pattern), codes (the integer q_j of each element),
+    zero (the code of 0.0: 8, 16 or 0), dequantized (32 floats), and fields: one (first byte, n bytes, name) per
+    field (d, m, qh, qs).
+    """
+    x = np.ascontiguousarray(np.asarray(x, np.float32).reshape(quant.BLOCK))
+    fid = quant.format_id(fmt)
+    raw = quant.quantize(x, fmt, backend=backend)
+    data = raw.tolist()
+    m_at, qh_at, qs_at, block_bytes = quant.layout(fid)
+    d_bits = data[0] | data[1] << 8
+    d = float(np.array([d_bits], np.uint16).view(np.float16)[0])
+    m = None
+    if m_at >= 0:
+        m = float(np.array([data[m_at] | data[m_at + 1] << 8], np.uint16).view(np.float16)[0])
+    qs = data[qs_at:block_bytes]
+    if fmt == "q8_0":
+        codes = [b - 256 if b >= 128 else b for b in qs]
+        zero = 0
+    else:
+        qh = sum(data[qh_at + k] << (8 * k) for k in range(4)) if qh_at >= 0 else 0
+        codes = [0] * quant.BLOCK
+        for j in range(quant.BLOCK // 2):
+            codes[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4)
+            codes[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)
+        zero = {"q4_0": 8, "q5_0": 16}.get(fmt, 0)
+    rebuilt = np.float32(d) * (np.array(codes, np.float32) - np.float32(zero))
+    if m is not None:
+        rebuilt = rebuilt + np.float32(m)
+    dequantized = quant.dequantize(raw, fmt, x.shape, backend=backend)
+    if not np.array_equal(rebuilt, dequantized):
+        raise AssertionError(f"the {fmt} bytes read here disagree with kvref.quant.dequantize")
+    fields = [(0, 2, "d")]
+    if m_at >= 0:
+        fields.append((m_at, 2, "m"))
+    if qh_at >= 0:
+        fields.append((qh_at, 4, "qh"))
+    fields.append((qs_at, block_bytes - qs_at, "qs"))
+    return {"format": fmt, "x": x, "bytes": data, "d": d, "d_bits": d_bits, "m": m, "codes": codes, "zero": zero,
+            "dequantized": dequantized, "fields": fields}
+
+
+def quant_blocks_figure(x=None, formats=("q8_0", "q4_0"), seed=3):
+    """For each format (:func:`quant_block_layout`): the 32 values of one block and their dequantized values (top),
+    and the block's bytes in memory order, each labelled with the element(s) it stores (bottom; one byte per unit
+    of width, so the sizes compare: 34 bytes for q8_0, 18 for q4_0, against 64 in fp16). ``x`` defaults to 32
+    N(0, 1) values."""
+    from matplotlib.patches import Rectangle
+
+    if x is None:
+        x = np.random.default_rng(seed).standard_normal(quant.BLOCK).astype(np.float32)
+    layouts = [quant_block_layout(x, fmt) for fmt in formats]
+    width = max(len(b["bytes"]) for b in layouts)
+    fig = Figure(figsize=(16, 4.2 * len(layouts)), layout="constrained")
+    grid = fig.add_gridspec(2 * len(layouts), 1, height_ratios=[1.6, 0.75] * len(layouts))
+    lo_color, hi_color = "#6baed6", "#fd8d3c"
+    for row, b in enumerate(layouts):
+        fmt = b["format"]
+        nibbles = fmt != "q8_0"
+        ax = fig.add_subplot(grid[2 * row])
+        j = np.arange(quant.BLOCK)
+        colors = [lo_color if (not nibbles or k < 16) else hi_color for k in j]
+        ax.bar(j, b["x"], 0.7, color=colors, alpha=0.55, label="x_j (float32)")
+        ax.plot(j, b["dequantized"], "k_", ms=14, mew=2, label="dequantized x~_j")
+        for k in j:
+            ax.annotate(str(b["codes"][k]), (k, b["x"][k]), xytext=(0, 3 if b["x"][k] >= 0 else -3),
+                        textcoords="offset points", ha="center", va="bottom" if b["x"][k] >= 0 else "top",
+                        fontsize=7)
+        ax.axhline(0, color="#999999", lw=0.6)
+        ax.set_xticks(j, [f"{k}" for k in j], fontsize=7)
+        ax.set_xlim(-0.7, quant.BLOCK - 0.3)
+        span = float(np.abs(b["x"]).max())
+        ax.set_ylim(-span * 1.35, span * 1.35)
+        ax.set_xlabel("element j (number above a bar: its stored code q_j)", fontsize=8)
+        err = float(np.abs(b["dequantized"] - b["x"]).max())
+        if fmt == "q8_0":
+            rule = f"d = amax/127 = {b['x'][np.argmax(np.abs(b['x']))]:.4f}/127 -> fp16 {b['d']:.6g};  " \
+                   "q_j = roundf(x_j / d);  x~_j = d·q_j"
+        elif fmt in ("q4_0", "q5_0"):
+            half = b["zero"]
+            rule = f"d = M/-{half} with M the signed extreme -> fp16 {b['d']:.6g};  q_j = min({2 * half - 1}, " \
+                   f"trunc(x_j/d + {half}.5));  x~_j = d·(q_j - {half})"
+        else:
+            rule = f"d = range/{15 if fmt == 'q4_1' else 31} -> fp16 {b['d']:.6g}, m = min -> fp16 {b['m']:.6g};  " \
+                   "x~_j = d·q_j + m"
+        ax.set_title(f"{fmt}: {rule};  max |x - x~| = {err:.4f}", fontsize=10)
+        if nibbles:
+            from matplotlib.patches import Patch
+
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles=[Patch(color=lo_color, alpha=0.55, label="x_j, j = 0-15: low nibbles of qs[0..15]"),
+                               Patch(color=hi_color, alpha=0.55, label="x_j, j = 16-31: high nibbles of qs[0..15]")]
+                      + [h for h, label in zip(handles, labels) if label.startswith("dequantized")],
+                      fontsize=7.5, loc="upper right", ncol=3)
+        else:
+            ax.legend(fontsize=7.5, loc="upper right", ncol=2)
+
+        ax = fig.add_subplot(grid[2 * row + 1])
+        field_colors = {"d": "#bdbdbd", "m": "#d9d9d9", "qh": "#c7e9c0", "qs": "white"}
+        for first, count, name in b["fields"]:
+            for k in range(first, first + count):
+                value = b["bytes"][k]
+                if name == "d":
+                    text = f"d {'lo' if k == first else 'hi'}\n0x{value:02x}"
+                elif name == "m":
+                    text = f"m {'lo' if k == first else 'hi'}\n0x{value:02x}"
+                elif name == "qh":
+                    text = f"qh[{k - first}]\n0x{value:02x}\nbits {8 * (k - first)}-{8 * (k - first) + 7}"
+                elif not nibbles:
+                    q = k - first
+                    text = f"0x{value:02x}\nx{q}\n{b['codes'][q]:+d}"
+                else:
+                    q = k - first
+                    text = f"0x{value:02x}\nlo x{q}={value & 15}\nhi x{q + 16}={value >> 4}"
+                face = field_colors[name]
+                ax.add_patch(Rectangle((k, 0), 1, 1, facecolor=face, edgecolor="#555555", lw=0.8))
+                if name == "qs" and nibbles:  # low nibble (listed first) on top
+                    ax.add_patch(Rectangle((k, 0.5), 1, 0.5, facecolor=lo_color, alpha=0.35, lw=0))
+                    ax.add_patch(Rectangle((k, 0), 1, 0.5, facecolor=hi_color, alpha=0.35, lw=0))
+                ax.text(k + 0.5, 0.5, text, ha="center", va="center", fontsize=6.3 if nibbles else 6.6)
+        ax.set_xlim(0, width)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_yticks([])
+        ax.set_xticks(np.arange(0, len(b["bytes"]) + 1, 2))
+        ax.tick_params(labelsize=7)
+        bits = 8 * len(b["bytes"]) / quant.BLOCK
+        ax.set_xlabel(f"byte offset in the block: {len(b['bytes'])} bytes for 32 elements = {bits:g} bits per "
+                      f"element (fp16: 64 bytes; fields: " + ", ".join(f"{name} at byte {first}"
+                                                                       for first, _, name in b["fields"]) + ")",
+                      fontsize=8)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    fig.suptitle("One block of 32 values in ggml's formats, byte by byte (kvref.quant.quantize, byte-identical to "
+                 "ggml's reference quantizers)", fontsize=12)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. A TwoTierCache's tiers across steps: migration in batches, a prefill straight to its tiers, exact eviction
+# ---------------------------------------------------------------------------------------------------------------
+#: token counts of the steps :func:`two_tier_timeline_events` feeds by default (R = 8, B = 4, M = 24): a prefill of
+#: 11 > R, decode steps that migrate one batch, a chunk of 10 that migrates, stores some new tokens directly and
+#: passes M, then decode steps that evict one token each
+TWO_TIER_TIMELINE_STEPS = (11, 1, 1, 1, 1, 1, 1, 10, 1, 1, 1, 1, 1)
+
+
+def _tier_of(tiers, p):
+    """The tier name of position p in ``cache.tiers()``."""
+    for name in ("evicted", "store", "tail"):
+        lo, hi = tiers[name]
+        if lo <= p < hi:
+            return name
+    raise AssertionError(f"position {p} is in no tier of {tiers}")
+
+
+def two_tier_timeline_events(tail_tokens=8, migration_batch=4, max_tokens=24, steps=TWO_TIER_TIMELINE_STEPS,
+                             store_format="q4_0", backend="python", seed=0):
+    """Drive a real TwoTierCache (1 sequence, fp16 tail) through ``steps`` (tokens per step) and record its tiers.
+
+    Returns a list of dicts, the first for the new, empty cache: op (label), tokens, positions (of the step), length
+    (after), tiers (``cache.tiers()`` after), tier (the tier name of every position 0 .. length-1), migrated (old
+    tail positions this step quantized into the store), direct (new positions quantized straight into the store),
+    evicted (positions that left this step, new ones that were never stored included), counts (tail, store,
+    evicted from ``stats()``), max_error (the step's attention, every layer, against :class:`TwoTierHistory`'s float64
+    reference over the dequantized store and the tail).
+
+    Checked on the way (AssertionError otherwise): the tiers partition 0 .. L-1 and agree with ``stats()``; exactly
+    min(L, M) tokens are held; at most R are in the tail, and at least R - B + 1 once anything has migrated; each
+    stored token's bytes equal ``kvref.quant.quantize`` of the value it was written with and never change while it
+    stays in the store (a token is quantized once).
+    """
+    rng = np.random.default_rng(seed)
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=32, dtype="float16")
+    cache = TwoTierCache(shape, batch=1, tail_tokens=tail_tokens, max_tokens=max_tokens, store_format=store_format,
+                         migration_batch=migration_batch, backend=backend)
+    scale = 1.0 / np.sqrt(shape.head_dim)
+    history = [TwoTierHistory(shape.kv_heads, shape.head_dim, store_format) for _ in range(shape.layers)]
+    seen = {}  # (layer, position) -> the bytes the store holds for it
+    events = [{"op": "new", "tokens": 0, "positions": [], "length": 0, "tiers": cache.tiers(), "tier": [],
+               "migrated": [], "direct": [], "evicted": [], "counts": {"tail": 0, "store": 0, "evicted": 0},
+               "max_error": 0.0}]
+    for num_tokens in steps:
+        before = cache.tiers()
+        step = cache.plan(num_tokens)
+        worst = 0.0
+        for layer in range(shape.layers):
+            k, v, q = random_step_inputs(rng, shape, 1, num_tokens)
+            cache.write(step, layer, k, v)
+            out = cache.attend(step, layer, q)
+            history[layer].add(k[0], v[0])
+            expected = history[layer].expected(q[0], step.positions[0], int(step.tiers[0, 0]), max_tokens, scale)
+            worst = max(worst, float(np.max(np.abs(out[0] - expected))))
+        cache.advance(step)
+        n = cache.get_seq_length()
+        tiers = cache.tiers()
+        stats = cache.stats()
+        counts = {name: hi - lo for name, (lo, hi) in tiers.items()}
+        if (tiers["evicted"][0], tiers["evicted"][1]) != (0, tiers["store"][0]) or \
+                tiers["store"][1] != tiers["tail"][0] or tiers["tail"][1] != n:
+            raise AssertionError(f"the tiers {tiers} do not partition 0 .. {n - 1}")
+        if [counts["tail"], counts["store"], counts["evicted"]] != [stats["tokens_in_tail"][0],
+                                                                    stats["tokens_in_store"][0],
+                                                                    stats["tokens_evicted"][0]]:
+            raise AssertionError(f"tiers() {tiers} and stats() disagree")
+        if counts["tail"] + counts["store"] != min(n, max_tokens):
+            raise AssertionError(f"{counts['tail'] + counts['store']} tokens held, expected min({n}, {max_tokens})")
+        lowest = tail_tokens - migration_batch + 1  # the tail after a migration
+        if counts["tail"] > tail_tokens or (tiers["store"][1] > 0 and counts["tail"] < lowest):
+            raise AssertionError(f"{counts['tail']} tokens in the tail (R = {tail_tokens}, B = {migration_batch})")
+        lo, hi = tiers["store"]
+        for layer in range(shape.layers):
+            blocks = cache.store_blocks(layer)  # (K|V, kv_heads, n_store, row_bytes)
+            fed = np.stack([f[:, lo:hi] for f in history[layer].fed]).astype(np.float32)
+            if not np.array_equal(blocks, quant.quantize(fed, store_format, backend="python")):
+                raise AssertionError("a stored token is not the quantized value it was written with")
+            for p in range(lo, hi):
+                held = blocks[:, :, p - lo].tobytes()
+                if seen.setdefault((layer, p), held) != held:
+                    raise AssertionError(f"position {p} was quantized again")
+        positions = step.positions[0].tolist()
+        label = f"p {positions[0]}" if num_tokens == 1 else f"p {positions[0]}..{positions[-1]}"
+        kind = "decode" if num_tokens == 1 else ("prefill" if positions[0] == 0 else "chunk")
+        events.append({
+            "op": f"{kind} {label}", "tokens": num_tokens, "positions": positions, "length": n, "tiers": tiers,
+            "tier": [_tier_of(tiers, p) for p in range(n)],
+            "migrated": [p for p in range(*before["tail"]) if lo <= p < hi],
+            "direct": [p for p in positions if lo <= p < hi],
+            "evicted": [p for p in range(*tiers["evicted"]) if p >= before["evicted"][1]],
+            "counts": counts, "max_error": worst})
+    return events
+
+
+def two_tier_timeline_figure(events=None, tail_tokens=8, migration_batch=4, max_tokens=24):
+    """The tier of every position after each step of a real TwoTierCache (:func:`two_tier_timeline_events`), and the
+    tokens held per tier. Outlines: black, the step's new tokens; red, old tail tokens migrated to the store by this
+    step; hatched, new tokens quantized straight into the store (a prefill or chunk longer than R)."""
+    from matplotlib.patches import Patch, Rectangle
+
+    events = events or two_tier_timeline_events(tail_tokens, migration_batch, max_tokens)
+    n_max = max(e["length"] for e in events)
+    fig = Figure(figsize=(16, 0.42 * len(events) + 2.6), layout="constrained")
+    ax, ax_count = fig.subplots(1, 2, gridspec_kw={"width_ratios": [4.2, 1]}, sharey=True)
+    colors = {"evicted": EVICTED_COLOR, "store": STORE_COLOR, "tail": TAIL_COLOR}
+    for y, e in enumerate(events):
+        new, migrated, direct = set(e["positions"]), set(e["migrated"]), set(e["direct"])
+        for p, tier in enumerate(e["tier"]):
+            edge, lw = ("#d62728", 2.4) if p in migrated else (("black", 1.6) if p in new else ("white", 0.8))
+            ax.add_patch(Rectangle((p - 0.5, y - 0.42), 1, 0.84, facecolor=colors[tier], edgecolor=edge, lw=lw,
+                                   hatch="////" if p in direct else None, zorder=3 if edge != "white" else 2))
+            if tier == "evicted" and p in e["evicted"]:
+                ax.text(p, y, "×", ha="center", va="center", fontsize=9, color="#d62728", zorder=4)
+        t = e["tiers"]
+        if e["length"]:
+            ax.text(n_max + 0.2, y, f"e = {t['evicted'][1]}, m = {t['store'][1]}, L = {e['length']}", va="center",
+                    fontsize=7.5)
+    ax.set_xlim(-0.6, n_max + 5.5)
+    ax.set_ylim(len(events) - 0.5, -0.6)
+    ax.set_xticks(range(0, n_max, 2))
+    ax.tick_params(labelsize=8)
+    ax.set_yticks(range(len(events)), [e["op"] for e in events], fontsize=8)
+    ax.set_xlabel("position p (e: evicted below, m: migrated below, L: length)")
+    worst = max(e["max_error"] for e in events)
+    ax.set_title(f"R = {tail_tokens} tail slots (fp16), migration batch B = {migration_batch}, at most M = "
+                 f"{max_tokens} held: positions e .. m-1 in the quantized store, m .. L-1 in the tail\n"
+                 f"attention vs float64 over the dequantized store and the tail: max |error| {worst:.1e}", fontsize=10)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.legend(handles=[Patch(facecolor=TAIL_COLOR, label="tail (fp16, as written)"),
+                       Patch(facecolor=STORE_COLOR, label="store (ggml blocks)"),
+                       Patch(facecolor=EVICTED_COLOR, label="evicted (× this step)"),
+                       Patch(facecolor="white", edgecolor="black", lw=1.6, label="the step's new tokens"),
+                       Patch(facecolor="white", edgecolor="#d62728", lw=2.4, label="migrated tail -> store this step"),
+                       Patch(facecolor=STORE_COLOR, hatch="////", label="new, quantized straight into the store")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=6, fontsize=8)
+
+    y = np.arange(len(events))
+    tail = np.array([e["counts"]["tail"] for e in events])
+    store = np.array([e["counts"]["store"] for e in events])
+    ax_count.barh(y, tail, 0.7, color=TAIL_COLOR, label="tail")
+    ax_count.barh(y, store, 0.7, left=tail, color=STORE_COLOR, label="store")
+    for value, label, style in ((tail_tokens - migration_batch + 1, "R - B + 1", ":"), (tail_tokens, "R", "--"),
+                                (max_tokens, "M", "-")):
+        ax_count.axvline(value, color="k", ls=style, lw=1, label=f"{label} = {value}")
+    ax_count.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    ax_count.set_xlabel("tokens held")
+    ax_count.set_title("tail + store per step\n(the tail holds R - B + 1 .. R once\nanything has migrated)",
+                       fontsize=9)
+    ax_count.tick_params(labelsize=8)
+    ax_count.grid(alpha=0.3, axis="x")
+    fig.suptitle("TwoTierCache tiers after each step (a real cache, python backend, recorded from tiers())",
+                 fontsize=12)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. Two-tier memory
+# ---------------------------------------------------------------------------------------------------------------
+def tail_after(n, tail_tokens, migration_batch):
+    """Tokens in the tail after n tokens, however they came (one at a time or in chunks): ``n - m`` with
+    ``m = B * ceil((n - R) / B)`` once n > R (``kvref.two_tier.migrate_to`` from an empty cache)."""
+    return n - migrate_to(0, 0, n, tail_tokens, migration_batch)
+
+
+def two_tier_memory_samples(tail_tokens=16, max_tokens=48, migration_batch=4, total=72, prefill=24,
+                            store_format="q4_0", backend="python", dtype="float16"):
+    """Drive a small real TwoTierCache (a prefill of ``prefill`` > R tokens, then one token at a time past M) and
+    sample its memory after every step.
+
+    Returns a dict: shape, tail_tokens, max_tokens, migration_batch, store_format, and lists n (tokens fed),
+    bytes_used (``stats()["bytes_used"]``), tail_held (``stats()["tokens_in_tail"]``), nbytes (``cache.nbytes``),
+    formula (:func:`kvref.memory.two_tier_held_bytes` of min(n, M) held tokens, :func:`tail_after` of them in the
+    tail) and flat_nbytes (``nbytes`` of an fp16 FlatCache allocated for n tokens).
+    """
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=32, dtype=dtype)
+    cache = TwoTierCache(shape, batch=1, tail_tokens=tail_tokens, max_tokens=max_tokens, store_format=store_format,
+                         migration_batch=migration_batch, backend=backend)
+    rng = np.random.default_rng(0)
+    samples = {"shape": shape, "tail_tokens": tail_tokens, "max_tokens": max_tokens,
+               "migration_batch": migration_batch, "store_format": store_format, "n": [], "bytes_used": [],
+               "tail_held": [], "nbytes": [], "formula": [], "flat_nbytes": []}
+    while cache.get_seq_length() < total:
+        num_tokens = prefill if cache.get_seq_length() == 0 else 1
+        step = cache.plan(num_tokens)
+        for layer in range(shape.layers):
+            k, v, _ = random_step_inputs(rng, shape, 1, num_tokens)
+            cache.write(step, layer, k, v)
+        cache.advance(step)
+        n = cache.get_seq_length()
+        stats = cache.stats()
+        samples["n"].append(n)
+        samples["bytes_used"].append(stats["bytes_used"])
+        samples["tail_held"].append(stats["tokens_in_tail"][0])
+        samples["nbytes"].append(cache.nbytes)
+        samples["formula"].append(memory.two_tier_held_bytes(shape, min(n, max_tokens),
+                                                             tail_after(n, tail_tokens, migration_batch),
+                                                             store_format))
+        samples["flat_nbytes"].append(FlatCache(shape, batch=1, max_tokens=n, backend=backend).nbytes)
+    return samples
+
+
+def two_tier_memory_figure(model="llama-3-8b", dtype="float16", context=8192, tail_tokens=256, migration_batch=64,
+                           formats=("q8_0", "q4_0"), samples=None):
+    """(a) K/V bytes of ``model`` vs tokens generated n, from the formulas: a flat fp16 cache (n slots, full at
+    ``context``) vs two-tier caches with an fp16 tail of R = ``tail_tokens`` and M = ``context``, bytes held
+    (:func:`kvref.memory.two_tier_held_bytes`) and allocated (:func:`kvref.memory.two_tier_bytes`); past M the
+    two-tier cache evicts and stays flat. (b) a small real TwoTierCache's measured ``stats()["bytes_used"]`` on its
+    formula (:func:`two_tier_memory_samples`)."""
+    shape = preset(model, dtype)
+    fig = Figure(figsize=(15, 5.4), layout="constrained")
+    ax_model, ax_small = fig.subplots(1, 2)
+    per_token = memory.bytes_per_token(shape)
+    top = int(context * 1.25)
+    n = np.unique(np.concatenate([np.linspace(0, top, 321).astype(int), [context]]))
+    flat = np.where(n <= context, n * per_token, np.nan)
+    ax_model.plot(n, flat, color=RECOMPUTE_COLOR, lw=2, label=f"FlatCache {dtype}: n · bytes_per_token "
+                                                              f"({per_token // 1024} KiB)")
+    ax_model.plot([context], [context * per_token], "x", color=RECOMPUTE_COLOR, ms=10, mew=2,
+                  label=f"FlatCache full at max_tokens = {context} (the next token raises)")
+    flat_end = context * per_token
+    ax_model.annotate(short_bytes(flat_end), (context, flat_end), xytext=(-8, 0), textcoords="offset points",
+                      ha="right", va="center", color=RECOMPUTE_COLOR, fontweight="bold")
+    for fmt in formats:
+        color = QUANT_COLORS[fmt]
+        held = [memory.two_tier_held_bytes(shape, min(int(v), context), tail_after(min(int(v), context), tail_tokens,
+                                                                                     migration_batch), fmt)
+                for v in n]
+        allocated = memory.two_tier_bytes(shape, 1, tail_tokens, context, fmt, migration_batch)
+        store_token = memory.store_bytes_per_token(shape, fmt)
+        ax_model.plot(n, held, color=color, lw=2,
+                      label=f"two-tier {fmt}: R = {tail_tokens} fp16 + the rest at {store_token // 1024} KiB/token "
+                            f"({per_token / store_token:.2f}x less)")
+        ax_model.axhline(allocated, color=color, ls="--", lw=1,
+                         label=f"  allocated: two_tier_bytes = {short_bytes(allocated)} (R + S = M + B - 1 slots)")
+        ax_model.annotate(f"{short_bytes(held[-1])}\n{flat_end / held[-1]:.2f}x less", (top, held[-1]),
+                          xytext=(-4, 4), textcoords="offset points", ha="right", va="bottom", color=color,
+                          fontweight="bold", fontsize=9)
+    ax_model.axvline(context, color="k", ls=":", lw=1)
+    ax_model.text(context, flat_end * 0.97, f"  n = M = {_context_label(context)}: the two-tier cache\n  evicts "
+                  "its oldest token per step", fontsize=8, va="top")
+    ticks = np.arange(0, top + 1, context // 4)
+    ax_model.set_xticks(ticks, [_context_label(int(v)) for v in ticks])
+    ax_model.set_yticks(np.arange(0, flat_end * 1.1, flat_end / 8))
+    _bytes_axis(ax_model)
+    ax_model.set_ylim(0, flat_end * 1.1)
+    ax_model.set_xlabel("tokens generated n (batch 1)")
+    ax_model.set_ylabel("K/V bytes held")
+    ax_model.set_title(f"(a) {model} ({shape.layers}L, {shape.kv_heads} KV heads x {shape.head_dim}): formulas, "
+                       f"B = {migration_batch}", fontsize=10)
+    ax_model.legend(fontsize=7.5, loc="upper left")
+    ax_model.grid(alpha=0.3)
+
+    samples = samples or two_tier_memory_samples()
+    small, fmt = samples["shape"], samples["store_format"]
+    r, m, b = samples["tail_tokens"], samples["max_tokens"], samples["migration_batch"]
+    ns = np.asarray(samples["n"])
+    line = np.arange(0, ns.max() + 1)
+    ax_small.plot(line, [memory.bytes_per_token(small) * v for v in line], color=RECOMPUTE_COLOR, lw=1.2,
+                  label=f"flat {small.dtype} formula: n · bytes_per_token")
+    ax_small.plot(ns, samples["flat_nbytes"], "o", color=RECOMPUTE_COLOR, ms=3, mfc="none",
+                  label="measured: FlatCache(max_tokens=n).nbytes")
+    ax_small.plot(line, [memory.two_tier_held_bytes(small, min(v, m), tail_after(min(v, m), r, b), fmt)
+                         for v in line], color=QUANT_COLORS.get(fmt, CACHED_COLOR), lw=1.2,
+                  label="two_tier_held_bytes(min(n, M), tail)")
+    ax_small.plot(ns, samples["bytes_used"], "o", color=QUANT_COLORS.get(fmt, CACHED_COLOR), ms=4,
+                  label="measured: TwoTierCache.stats()['bytes_used']")
+    ax_small.axhline(samples["nbytes"][0], color=QUANT_COLORS.get(fmt, CACHED_COLOR), ls="--", lw=1,
+                     label=f"measured: TwoTierCache.nbytes = two_tier_bytes = {short_bytes(samples['nbytes'][0])}")
+    ax_small.axvline(m, color="k", ls=":", lw=1)
+    ax_small.text(m, max(samples["flat_nbytes"]) * 0.02, f"  n = M = {m}", fontsize=9)
+    ax_small.set_xlabel(f"tokens fed n (a prefill of {samples['n'][0]}, then one per step)")
+    ax_small.set_ylabel("bytes")
+    ax_small.set_yticks(np.arange(0, max(samples["flat_nbytes"]) * 1.05, 4096))
+    _bytes_axis(ax_small)
+    ax_small.set_title(f"(b) measured: a real TwoTierCache, {small.layers}L, {small.kv_heads} KV heads x "
+                       f"{small.head_dim}, {small.dtype} tail, {fmt} store,\nR = {r}, B = {b}, M = {m} (the "
+                       f"sawtooth: each migration moves B tokens to the store)", fontsize=10)
+    ax_small.legend(fontsize=7.5, loc="upper left")
+    ax_small.grid(alpha=0.3)
+    fig.suptitle("Two-tier memory: an fp16 tail of R tokens plus ggml blocks for the rest; flat in n once past M",
+                 fontsize=12)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. Two-tier attention error vs the tail length, and after a prefill (transformers #35185)
+# ---------------------------------------------------------------------------------------------------------------
+#: llama.cpp ``tests/test-backend-ops.cpp``: the NMSE a flash-attention backend may differ from the CPU by. A
+#: backend-consistency threshold, not a quality target; drawn for scale only
+LLAMA_CPP_FA_NMSE = 5e-4
+
+
+def nmse(reference, got):
+    """llama.cpp's normalized mean squared error ``sum (a - b)^2 / sum a^2`` (a = the reference); its square root is
+    the relative RMS error."""
+    a = np.asarray(reference, np.float64)
+    return float(np.sum((a - np.asarray(got, np.float64)) ** 2) / np.sum(a * a))
+
+
+def _random_model_inputs(shape, n, seed):
+    """Random K, V (layers, n, kv_heads, head_dim) and Q (layers, n, q_heads, head_dim), float32, N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((shape.layers, n, shape.kv_heads, shape.head_dim)).astype(np.float32)
+    v = rng.standard_normal((shape.layers, n, shape.kv_heads, shape.head_dim)).astype(np.float32)
+    q = rng.standard_normal((shape.layers, n, shape.q_heads, shape.head_dim)).astype(np.float32)
+    return k, v, q
+
+
+def _feed(cache, k, v, q, start, stop, attend=True):
+    """One step of tokens start .. stop-1 (sequence 0, every layer; K/V cast to the cache's dtype). Returns the
+    attention output (layers, T, q_heads, head_dim), or None when ``attend`` is False."""
+    step = cache.plan(stop - start)
+    dtype = cache.shape.public_dtype
+    outs = []
+    for layer in range(cache.shape.layers):
+        cache.write(step, layer, k[layer, start:stop][None].astype(dtype), v[layer, start:stop][None].astype(dtype))
+        if attend:
+            outs.append(cache.attend(step, layer, q[layer, start:stop][None])[0])
+    cache.advance(step)
+    return np.stack(outs) if attend else None
+
+
+def _run(cache, k, v, q, prefill, total):
+    """A prefill of ``prefill`` tokens (not attended), then decode steps up to ``total``; the decode outputs."""
+    _feed(cache, k, v, q, 0, prefill, attend=False)
+    return np.concatenate([_feed(cache, k, v, q, p, p + 1) for p in range(prefill, total)], axis=1)
+
+
+def error_shape(dtype="float16"):
+    """The shape of the error figures: 2 layers, 4 query heads, 2 KV heads, head_dim 64."""
+    return CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=64, dtype=dtype)
+
+
+def two_tier_error_rows(context=512, tails=(1, 32, 64, 128, 256, 384, 512), formats=("q8_0", "q4_0"), decode=16,
+                        migration_batch=64, backend="cpu", seed=0):
+    """Attention-output error of a real TwoTierCache (fp16 tail, store ``fmt``) against an fp32 FlatCache fed the
+    same random K/V/Q (:func:`error_shape`, N(0, 1)), for each tail length R in ``tails``.
+
+    Each cache takes a prefill of ``context - decode`` tokens (straight to its tiers), then ``decode`` decode steps
+    whose outputs, every layer and head, are compared: :func:`nmse` against the fp32 flat cache's. M = ``context``,
+    so nothing is evicted; B = min(``migration_batch``, R). At R >= context everything is in the tail and the error
+    is that of fp16 K/V alone, which an fp16 FlatCache measures too (``fp16_nmse``).
+
+    Returns a dict: shape, context, decode, tails, formats, nmse and max_abs ({fmt: [per R]}), quantized ({fmt: [store
+    tokens at the last step, per R]}), fp16_nmse, reference_rms (RMS of the fp32 outputs).
+    """
+    shape = error_shape()
+    k, v, q = _random_model_inputs(shape, context, seed)
+    prefill = context - decode
+    reference = _run(FlatCache(shape.with_dtype("float32"), batch=1, max_tokens=context, backend=backend), k, v, q,
+                     prefill, context)
+    fp16 = _run(FlatCache(shape, batch=1, max_tokens=context, backend=backend), k, v, q, prefill, context)
+    rows = {"shape": shape, "context": context, "decode": decode, "tails": list(tails), "formats": list(formats),
+            "nmse": {}, "max_abs": {}, "quantized": {}, "fp16_nmse": nmse(reference, fp16),
+            "reference_rms": float(np.sqrt(np.mean(reference.astype(np.float64) ** 2)))}
+    for fmt in formats:
+        rows["nmse"][fmt], rows["max_abs"][fmt], rows["quantized"][fmt] = [], [], []
+        for r in tails:
+            cache = TwoTierCache(shape, batch=1, tail_tokens=r, max_tokens=max(context, r), store_format=fmt,
+                                 migration_batch=min(migration_batch, r), backend=backend)
+            out = _run(cache, k, v, q, prefill, context)
+            rows["nmse"][fmt].append(nmse(reference, out))
+            rows["max_abs"][fmt].append(float(np.max(np.abs(out - reference))))
+            rows["quantized"][fmt].append(cache.stats()["tokens_in_store"][0])
+    return rows
+
+
+def prefill_tier_rows(prompts=(16, 64, 120, 256, 448), tail_tokens=128, formats=("q8_0", "q4_0"), decode=8,
+                      migration_batch=64, backend="cpu", seed=1):
+    """The first ``decode`` decode steps after a prompt of P tokens, for each P in ``prompts``: NMSE against an fp32
+    FlatCache of (a) a real TwoTierCache with R = ``tail_tokens``, whose prefill goes straight to its tiers (the last
+    R - B + 1 .. R prompt tokens stay fp16), and (b) Hugging Face's QuantizedCache behaviour (transformers #35185):
+    the whole prompt quantized at once whatever ``residual_length`` = R says, the decode tokens kept in full precision.
+    (b) is written out here, in the same ggml format so that only the policy differs: the prompt's K/V through
+    :func:`round_trip`, the decode tokens' as fp16, then :func:`reference_attention` in float64.
+
+    Returns a dict: prompts, tail_tokens, decode, formats, kvref and hf ({fmt: [nmse per P]}), kvref_quantized
+    (prompt tokens in the store right after the prefill, per P) and fp16 (an fp16 FlatCache's nmse, per P).
+    """
+    shape = error_shape()
+    longest = max(prompts) + decode
+    k, v, q = _random_model_inputs(shape, longest, seed)
+    scale = 1.0 / np.sqrt(shape.head_dim)
+    half_k, half_v = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+    rows = {"prompts": list(prompts), "tail_tokens": tail_tokens, "decode": decode, "formats": list(formats),
+            "kvref": {}, "hf": {}, "kvref_quantized": [], "fp16": []}
+    references = {}
+    for p in prompts:
+        total = p + decode
+        references[p] = _run(FlatCache(shape.with_dtype("float32"), batch=1, max_tokens=total, backend=backend), k, v,
+                             q, p, total)
+        fp16 = _run(FlatCache(shape, batch=1, max_tokens=total, backend=backend), k, v, q, p, total)
+        rows["fp16"].append(nmse(references[p], fp16))
+    for fmt in formats:
+        rows["kvref"][fmt], rows["hf"][fmt] = [], []
+        stored_k, stored_v = (round_trip(a, fmt) for a in (half_k, half_v))  # per token: independent of P
+        for p in prompts:
+            total = p + decode
+            cache = TwoTierCache(shape, batch=1, tail_tokens=tail_tokens, max_tokens=max(total, tail_tokens),
+                                 store_format=fmt, migration_batch=min(migration_batch, tail_tokens), backend=backend)
+            _feed(cache, k, v, q, 0, p, attend=False)
+            if fmt == formats[0]:
+                rows["kvref_quantized"].append(cache.stats()["tokens_in_store"][0])
+            out = np.concatenate([_feed(cache, k, v, q, t, t + 1) for t in range(p, total)], axis=1)
+            rows["kvref"][fmt].append(nmse(references[p], out))
+            hf = np.empty_like(references[p], np.float64)
+            for layer in range(shape.layers):
+                keys = np.concatenate([stored_k[layer, :p], half_k[layer, p:total]]).transpose(1, 0, 2)
+                values = np.concatenate([stored_v[layer, :p], half_v[layer, p:total]]).transpose(1, 0, 2)
+                hf[layer] = reference_attention(q[layer, p:total], keys, values, np.arange(p, total), scale)
+            rows["hf"][fmt].append(nmse(references[p], hf))
+    return rows
+
+
+def two_tier_error_figure(rows=None, prefill_rows=None):
+    """(a) NMSE of the attention output vs the tail length R (:func:`two_tier_error_rows`), with the fp16-only error
+    and a guide proportional to the number of quantized tokens; (b) after a prompt of P tokens, kvref's prefill to
+    the right tiers vs quantizing the whole prompt (:func:`prefill_tier_rows`)."""
+    rows = rows or two_tier_error_rows()
+    prefill_rows = prefill_rows or prefill_tier_rows()
+    fig = Figure(figsize=(15, 5.6), layout="constrained")
+    ax_tail, ax_prefill = fig.subplots(1, 2)
+    n = rows["context"]
+    tails = np.asarray(rows["tails"])
+    for fmt in rows["formats"]:
+        color = QUANT_COLORS.get(fmt, CACHED_COLOR)
+        ax_tail.plot(tails, rows["nmse"][fmt], "o-", color=color, label=f"TwoTierCache, {fmt} store + fp16 tail")
+        first = rows["nmse"][fmt][0]
+        guide = first * (n - np.minimum(tails, n)) / (n - min(tails[0], n))
+        ax_tail.plot(tails[tails < n], guide[tails < n], ":", color=color, lw=1,
+                     label=f"  {fmt}: NMSE(R = {tails[0]}) · (n - R) / (n - {tails[0]}), ∝ tokens quantized")
+    ax_tail.axhline(rows["fp16_nmse"], color="#7f7f7f", ls="--", lw=1.2,
+                    label=f"FlatCache fp16 (every token fp16): {rows['fp16_nmse']:.1e}")
+    ax_tail.axhline(LLAMA_CPP_FA_NMSE, color="#d62728", ls="-.", lw=1,
+                    label=f"llama.cpp's FA backend-consistency NMSE threshold {LLAMA_CPP_FA_NMSE:g} (scale only)")
+    ax_tail.axvline(n, color="k", ls=":", lw=1)
+    ax_tail.annotate("R = n: all fp16", (n, rows["fp16_nmse"]), xytext=(-8, -6), textcoords="offset points",
+                     ha="right", va="top", fontsize=8)
+    ax_tail.set_ylim(rows["fp16_nmse"] / 4, None)
+    ax_tail.set_xticks(tails, [str(t) for t in tails], fontsize=8)
+    ax_tail.set_yscale("log")
+    ax_tail.set_xlabel(f"tail length R (fp16 tokens) of n = {n} held; B = min(64, R)")
+    ax_tail.set_ylabel("NMSE = Σ(a - b)² / Σa² of the attention output")
+    right = ax_tail.secondary_yaxis("right", functions=(np.sqrt, np.square))
+    right.set_ylabel("relative RMS error = sqrt(NMSE)")
+    s = rows["shape"]
+    ax_tail.set_title(f"(a) {rows['decode']} decode steps at positions {n - rows['decode']}..{n - 1} vs an fp32 "
+                      f"FlatCache fed the same random\nN(0, 1) K/V/Q ({s.layers}L, {s.q_heads} q / {s.kv_heads} KV "
+                      f"heads x {s.head_dim}): the error follows the share of tokens quantized", fontsize=9.5)
+    ax_tail.legend(fontsize=7.5, loc="lower left")
+    ax_tail.grid(alpha=0.3, which="both")
+
+    prompts = np.asarray(prefill_rows["prompts"])
+    r = prefill_rows["tail_tokens"]
+    for fmt in prefill_rows["formats"]:
+        color = QUANT_COLORS.get(fmt, CACHED_COLOR)
+        ax_prefill.plot(prompts, prefill_rows["hf"][fmt], "s--", color=color, mfc="white",
+                        label=f"{fmt}: quantize the whole prompt (HF QuantizedCache, #35185)")
+        ax_prefill.plot(prompts, prefill_rows["kvref"][fmt], "o-", color=color,
+                        label=f"{fmt}: kvref TwoTierCache, prefill to the right tiers")
+    ax_prefill.plot(prompts, prefill_rows["fp16"], "--", color="#7f7f7f", lw=1.2, label="FlatCache fp16")
+    ax_prefill.axvline(r, color="k", ls=":", lw=1)
+    ax_prefill.text(r, max(max(v) for v in prefill_rows["hf"].values()) * 1.3, f" P = R = {r}", fontsize=8)
+    for p, stored in zip(prompts, prefill_rows["kvref_quantized"]):
+        ax_prefill.annotate(f"{stored} of {p}\nquantized", (p, prefill_rows["fp16"][list(prompts).index(p)]),
+                            xytext=(0, -6), textcoords="offset points", ha="center", va="top", fontsize=7)
+    ax_prefill.set_xscale("log", base=2)
+    ax_prefill.set_xticks(prompts, [str(p) for p in prompts])
+    ax_prefill.minorticks_off()
+    ax_prefill.set_yscale("log")
+    low = min(prefill_rows["fp16"]) / 20
+    ax_prefill.set_ylim(low, max(max(v) for v in prefill_rows["hf"].values()) * 1e5)
+    ax_prefill.set_xlabel(f"prompt length P (R = residual_length = {r}); numbers: prompt tokens kvref quantizes")
+    ax_prefill.set_ylabel("NMSE of the first decode steps' attention output")
+    ax_prefill.set_title(f"(b) the first {prefill_rows['decode']} decode steps after a prompt of P tokens: kvref "
+                         "keeps a prompt\nshorter than R in fp16; HF quantizes all of it (same ggml format here)",
+                         fontsize=9.5)
+    ax_prefill.legend(fontsize=7.5, loc="upper left")
+    ax_prefill.grid(alpha=0.3, which="both")
+    fig.suptitle("Attention-output error of the two-tier cache: the fp16 tail is exact up to fp16, the store "
+                 "costs in proportion to what it holds", fontsize=12)
+    return fig
+
+
 __all__ = [
-    "FIGURE_CAPTIONS", "FIGURE_NAMES", "RING_TIMELINE_STEPS", "TOLERANCES", "VARIANT_CHECKS", "backend_max_error",
-    "check_backends", "chunked_prefill_events", "chunked_prefill_figure", "cost_figure", "flat_timeline_events",
-    "flat_timeline_figure", "format_bytes", "generation_counts", "layouts_figure", "measure_decode_times",
-    "memory_figure", "memory_rows", "reference_attention", "ring_backend_max_error", "ring_memory_figure",
-    "ring_memory_samples", "ring_timeline_events", "ring_timeline_figure", "save", "short_bytes", "tinyllama_row",
-    "window_conventions_figure", "window_masks",
+    "FIGURE_CAPTIONS", "FIGURE_NAMES", "LLAMA_CPP_FA_NMSE", "LLAMA_CPP_MEASURED", "LLAMA_CPP_TOTAL_ERROR",
+    "QUANT_BOUNDS", "RING_TIMELINE_STEPS", "TOLERANCES", "TWO_TIER_CHECK_STEPS", "TWO_TIER_TIMELINE_STEPS",
+    "TwoTierHistory", "VARIANT_CHECKS", "backend_max_error", "check_backends", "chunked_prefill_events",
+    "chunked_prefill_figure", "cost_figure", "error_shape", "flat_timeline_events", "flat_timeline_figure",
+    "format_bits", "format_bytes", "generation_counts", "layouts_figure", "llama_cpp_rmse", "llama_cpp_test_data",
+    "measure_decode_times", "memory_figure", "memory_rows", "nmse", "prefill_tier_rows", "quant_block_layout",
+    "quant_blocks_figure", "quant_error_figure", "quant_error_rows", "reference_attention", "ring_backend_max_error",
+    "ring_memory_figure", "ring_memory_samples", "ring_timeline_events", "ring_timeline_figure", "round_trip", "save",
+    "short_bytes", "tail_after", "tinyllama_row", "two_tier_backend_max_error", "two_tier_error_figure",
+    "two_tier_error_rows", "two_tier_memory_figure", "two_tier_memory_samples", "two_tier_timeline_events",
+    "two_tier_timeline_figure", "window_conventions_figure", "window_masks",
 ]
 
 

@@ -1,10 +1,11 @@
 """``python -m kvref.plots [--quick] [--out DIR]``: check the backends, then write every figure and an index.html.
 
 1. Every available backend ("python", "cpu", and "cuda" where kvref.backends() says it can run) is compared with a
-   float64 NumPy reference on a small case, for the flat and the ring cache; the run aborts with exit status 1 if any
-   error exceeds its tolerance, before anything is timed.
+   float64 NumPy reference on a small case, for the flat, the ring and the two-tier cache; the run aborts with exit
+   status 1 if any error exceeds its tolerance, before anything is timed.
 2. Each figure of :mod:`kvref.plots` is built and written as PNG and SVG, one progress line per figure.
-3. ``DIR/index.html`` shows the figures, the memory table, the backend check, the timings and the machine.
+3. ``DIR/index.html`` shows the figures, the memory tables, the quantization-error table, the backend check, the
+   timings and the machine.
 """
 
 import argparse
@@ -15,12 +16,16 @@ import sys
 import time
 
 from .. import memory
-from . import (FIGURE_CAPTIONS, FIGURE_NAMES, check_backends, chunked_prefill_figure, cost_figure,
-               flat_timeline_figure, format_bytes, generation_counts, layouts_figure, measure_decode_times,
-               memory_figure, memory_rows, ring_memory_figure, ring_timeline_figure, save, tinyllama_row,
-               window_conventions_figure)
+from . import (FIGURE_CAPTIONS, FIGURE_NAMES, LLAMA_CPP_TOTAL_ERROR, check_backends, chunked_prefill_figure,
+               cost_figure, flat_timeline_figure, format_bytes, generation_counts, layouts_figure,
+               measure_decode_times, memory_figure, memory_rows, quant_blocks_figure, quant_error_figure,
+               quant_error_rows, ring_memory_figure, ring_timeline_figure, save, tinyllama_row,
+               two_tier_error_figure, two_tier_memory_figure, two_tier_timeline_figure, window_conventions_figure)
 
 TABLE_CONTEXTS = (2048, 4096, 8192, 32768)
+
+#: the two-tier memory table: contexts (= max_tokens M), tail R and migration batch B, store formats
+TWO_TIER_TABLE = ((8192, 32768), 256, 64, ("q8_0", "q4_0"))
 
 #: decode-timing settings: (contexts, repetitions)
 QUICK_TIMING = ((16, 32, 64, 128, 256, 512), 3)
@@ -75,7 +80,46 @@ def _bytes_cell(n):
     return f'<span data-bytes="{n}" title="{n:,} bytes">{format_bytes(n)}</span>'
 
 
-def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick):
+def quant_table(rows):
+    """The quantization-error table of index.html, from :func:`kvref.plots.quant_error_rows`."""
+    e = html.escape
+    body = []
+    for r in rows:
+        measured = "-" if r["llama_cpp_measured"] is None else f"{r['llama_cpp_measured']:.6f}"
+        status = "<span class='ok'>pass</span>" if r["llama_cpp_passes"] else "<span class='fail'>FAIL</span>"
+        body.append([e(r["format"]), f"{r['bits']:g}", f"{r['bytes_per_block']}", f"{r['cos_rmse']:.5f}",
+                     f"{r['cos_max']:.5f}", f"{r['normal_rmse']:.5f}", f"{r['normal_max']:.5f}",
+                     f"{r['worst_block']:.5f} (1/{round(1 / r['bound'])} {e(r['block_stat'])})",
+                     f"{r['llama_cpp_metric']:.6f}", measured, status])
+    return _table(["format", "bits / element", "bytes / 32 elements", "RMSE (llama.cpp data)",
+                   "max |error| (llama.cpp data)", "RMSE (N(0, 1))", "max |error| (N(0, 1))",
+                   "worst block: max |error| / amax or range (bound)", "llama.cpp array_rmse (kvref)",
+                   "llama.cpp array_rmse (printed by llama.cpp)", f"< {LLAMA_CPP_TOTAL_ERROR}"], body)
+
+
+def two_tier_memory_table():
+    """Allocated bytes of a flat fp16 cache and two-tier caches (fp16 tail) per preset, batch 1 (index.html)."""
+    from ..shapes import PRESETS, preset
+
+    contexts, tail, batch_size, formats = TWO_TIER_TABLE
+    rows = []
+    for name in PRESETS:
+        shape = preset(name)
+        for context in contexts:
+            flat = memory.cache_bytes(shape, 1, context)
+            cells = [html.escape(name), f"{context:,}", _bytes_cell(flat)]
+            for fmt in formats:
+                if shape.head_dim % 32:
+                    cells.append(f"- (head_dim {shape.head_dim} is not a multiple of 32)")
+                    continue
+                nbytes = memory.two_tier_bytes(shape, 1, tail, context, fmt, batch_size)
+                cells.append(f"{_bytes_cell(nbytes)} ({flat / nbytes:.2f}x less)")
+            rows.append(cells)
+    return _table(["model", "max_tokens M", "FlatCache fp16"] + [f"TwoTierCache {f} + fp16 tail" for f in formats],
+                  rows)
+
+
+def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick, quant_rows=None):
     """Write ``out_dir/index.html``; returns its path."""
     e = html.escape
     parts = [
@@ -84,7 +128,7 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick):
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;"
         "border:1px solid #eee}.fail{color:#c00;font-weight:bold}.ok{color:#080}</style></head><body>",
-        "<h1>kvref: figures of the flat and ring caches</h1>",
+        "<h1>kvref: figures of the flat, ring and two-tier caches</h1>",
         f"<p>Written by <code>python -m kvref.plots{' --quick' if quick else ''}</code> in {total_s:.1f} s. "
         "Every figure is built by a function of <code>kvref.plots</code>, the same one the notebooks call.</p>",
     ]
@@ -94,7 +138,10 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick):
                  "stored K/V, over a chunked prefill, a one-sequence step and decode steps. <b>ring</b>: a RingCache "
                  "of W = 6 slots (no sinks, then 2 sinks) against the window rule i - W &lt; j &lt;= i over every "
                  "K/V row fed, unwrapped, over a prefill, a step that wraps (deferred), decode steps past the wrap "
-                 "and a chunk longer than the ring.</p>")
+                 "and a chunk longer than the ring. <b>two_tier</b>: a TwoTierCache (R = 6, B = 3, M = 12) in each "
+                 "store format against the same rule with W = M over the values the tiers hold before the step: "
+                 "positions below m through a quantize / dequantize round trip of the value fed, the rest as fed; "
+                 "over a prefill longer than R, decode steps that migrate, and a chunk longer than M.</p>")
     rows = []
     for r in checks:
         if r["ok"] is None:
@@ -112,6 +159,22 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick):
     for name in FIGURE_NAMES:
         parts.append(f"<h3>{e(name)}</h3><p>{e(FIGURE_CAPTIONS[name])} <a href='{name}.png'>{name}.png</a> · "
                      f"<a href='{name}.svg'>{name}.svg</a></p><img src='{name}.svg' alt='{e(name)}'>")
+
+    if quant_rows:
+        parts.append("<h2>Quantization error of ggml's formats</h2><p><code>kvref.plots.quant_error_rows</code>: "
+                     "quantize and dequantize with <code>kvref.quant</code> (f16: NumPy's float16, the tail). "
+                     "llama.cpp data: <code>x[i] = 0.1 + 2 cos(i)</code>, n = 4096, from llama.cpp's "
+                     "<code>tests/test-quantize-fns.cpp</code>, whose <code>array_rmse</code> is "
+                     "<code>sqrt(sum e²) / n</code> = true RMSE / sqrt(n) = RMSE / 64: its threshold "
+                     f"{LLAMA_CPP_TOTAL_ERROR} means a true RMSE below {LLAMA_CPP_TOTAL_ERROR * 64:.3f}. The printed "
+                     "column is what llama.cpp c392e509 (AVX2 build) printed with <code>-v</code>. The block bound "
+                     "leaves out the fp16 rounding of d (and m).</p>")
+        parts.append(quant_table(quant_rows))
+        contexts, tail, batch_size, _ = TWO_TIER_TABLE
+        parts.append(f"<h2>Two-tier memory table</h2><p><code>kvref.memory.two_tier_bytes</code>: allocated K/V "
+                     f"bytes, batch 1, an fp16 tail of R = {tail} slots and a store of S = M - R + B - 1 slots "
+                     f"(B = {batch_size}) of ggml blocks, against a FlatCache of M fp16 slots.</p>")
+        parts.append(two_tier_memory_table())
 
     parts.append("<h2>Memory table</h2><p><code>kvref.memory.memory_table</code>: K and V, every layer, batch 1, "
                  "fp16, bytes = 2 · layers · kv_heads · head_dim · 2 · tokens (binary units: "
@@ -180,9 +243,9 @@ def main(argv=None):
     checks = check_backends()
     for r in checks:
         if r["ok"] is None:
-            progress(f"  {r['backend']:>6} {r['variant']:<4} {r['dtype']:<7}  skipped: {r['reason']}")
+            progress(f"  {r['backend']:>6} {r['variant']:<8} {r['dtype']:<7}  skipped: {r['reason']}")
         else:
-            progress(f"  {r['backend']:>6} {r['variant']:<4} {r['dtype']:<7}  max |error| {r['max_error']:.2e}  "
+            progress(f"  {r['backend']:>6} {r['variant']:<8} {r['dtype']:<7}  max |error| {r['max_error']:.2e}  "
                      f"(tolerance {r['tolerance']:.0e})  {'ok' if r['ok'] else 'FAIL'}  {r['seconds']:.1f} s")
     failed = [r for r in checks if r["ok"] is False]
     if failed:
@@ -216,10 +279,21 @@ def main(argv=None):
     figure("ring_memory", ring_memory_figure)
     figure("window_conventions", window_conventions_figure)
     figure("chunked_prefill", chunked_prefill_figure)
+    figure("quant_blocks", quant_blocks_figure)
+
+    def build_quant_error():
+        state["quant_rows"] = quant_error_rows()
+        return quant_error_figure(state["quant_rows"])
+
+    figure("quant_error", build_quant_error)
+    figure("two_tier_timeline", two_tier_timeline_figure)
+    figure("two_tier_memory", two_tier_memory_figure)
+    figure("two_tier_error", two_tier_error_figure)
     assert tuple(built) == FIGURE_NAMES
 
     total = time.perf_counter() - start
-    path = write_index(out_dir, checks, state["timings"], state["counts"], log, total, args.quick)
+    path = write_index(out_dir, checks, state["timings"], state["counts"], log, total, args.quick,
+                       state["quant_rows"])
     progress(f"wrote {path}")
     print(f"total {time.perf_counter() - start:.1f} s", flush=True)
     return 0
