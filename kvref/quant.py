@@ -359,7 +359,14 @@ def row_bytes(n, fmt):
 
 
 def check_finite(name, a):
-    """Raise NonFiniteError naming ``name`` and the first NaN/inf index unless every element of a is finite."""
+    """Raise NonFiniteError naming ``name`` and the first NaN/inf index unless every element of a is finite.
+
+    Fast path: a finite sum (one vectorised pass, no temporary array) proves every element finite; a NaN or inf
+    always makes the sum non-finite. Only a non-finite sum, which finite values can also give by overflowing, takes
+    the exact element-wise test.
+    """
+    if math.isfinite(float(np.sum(a))):
+        return
     finite = np.isfinite(a)
     if not finite.all():
         index = tuple(int(i) for i in np.argwhere(~finite)[0])
