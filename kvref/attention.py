@@ -216,7 +216,8 @@ def attend_slots(q, keys, values, key_positions, end, query_position, window, si
 def dequantize_row(row, fmt, scratch):
     """Decode one quantized row (ggml blocks, ``kvref/quant.py``) into ``scratch[:head_dim]``, block by block:
     ``x~_j = d * c_j (+ m)`` (``scratch[head_dim:head_dim + 32]`` holds one block's codes). Attention decodes one row
-    at a time into this scratch, which stays in L1: there is never a float copy of the store. Returns the row."""
+    at a time into this scratch, which stays in L1: there is never a float copy of the store. (It returns nothing:
+    CUDA device functions cannot return a view.)"""
     block_bytes = quant.layout(fmt)[3]
     D = scratch.shape[0] - quant.BLOCK
     out = scratch[:D]
@@ -224,7 +225,6 @@ def dequantize_row(row, fmt, scratch):
     for b in range(D // quant.BLOCK):
         quant.dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt,
                                out[b * quant.BLOCK:(b + 1) * quant.BLOCK], codes)
-    return out
 
 
 @register_jitable(forceinline=True)
@@ -233,8 +233,9 @@ def score_quantized_tile(q, k_tile, n, fmt, scale, work, scratch):
     head_dim + 32 floats) and used for all G heads (GQA), as :func:`score_tile` widens an fp16 row."""
     G = q.shape[0]
     D = q.shape[1]
+    row = scratch[:D]
     for j in range(n):
-        row = dequantize_row(k_tile[j], fmt, scratch)
+        dequantize_row(k_tile[j], fmt, scratch)
         for g in range(G):
             q_row = q[g]
             s = np.float32(0.0)
@@ -248,8 +249,9 @@ def accumulate_quantized_rows(v_tile, n, fmt, out, work, scratch):
     """``acc[g] += p_j * v~_j`` for n quantized value rows, each decoded once (into ``scratch``) for all G heads."""
     G = out.shape[0]
     D = out.shape[1]
+    row = scratch[:D]
     for j in range(n):
-        row = dequantize_row(v_tile[j], fmt, scratch)
+        dequantize_row(v_tile[j], fmt, scratch)
         for g in range(G):
             p = work[g, j]
             acc_row = out[g]
