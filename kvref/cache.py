@@ -211,6 +211,11 @@ class CacheBase:
             self._written = set()
             self._pending = {}
 
+    def _pending_snapshot(self):
+        """Host copies of the held-aside K/V (for ``state()``)."""
+        return {layer: (self._ops.to_host(k).copy(), self._ops.to_host(v).copy())
+                for layer, (k, v) in self._pending.items()}
+
     def _check_written(self, step, layers, action):
         key = (step.version, tuple(step.seq_ids.tolist()), step.num_tokens)
         missing = [layer for layer in layers if key != self._step_key or layer not in self._written]

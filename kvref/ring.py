@@ -289,8 +289,7 @@ class RingCache(CacheBase):
 
     def state(self):
         """A deep snapshot of everything the cache holds (for tests: equal snapshots = identical caches)."""
-        pending = {layer: (self._ops.to_host(k).copy(), self._ops.to_host(v).copy())
-                   for layer, (k, v) in self._pending.items()}
+        pending = self._pending_snapshot()
         return {"kv": self.kv.copy(), "slot_positions": self.slot_positions.copy(), "lengths": self._lengths.copy(),
                 "version": self._version, "step_key": self._step_key, "written": sorted(self._written),
                 "pending": pending}

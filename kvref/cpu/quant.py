@@ -2,7 +2,7 @@
 
 **One compiled loop per format.** ``quantize_rows(x, fmt, blocks)`` takes the format as a run-time integer, so one
 compiled loop would test it in every block and carry the code of all five formats. Each function below calls the
-spec with the format as a *compile-time constant* instead (``quant.Q8_0`` is a module global, which Numba freezes);
+spec with the format as a *compile-time constant* instead (a closure variable, which Numba freezes);
 the spec's per-block functions are ``register_jitable(forceinline=True)``, so after LLVM inlines them every
 ``if fmt == ...`` folds and only that format's loop is left. This is a compile schedule, not a second algorithm:
 each body is one call of the spec. It also matters for a less obvious reason: in the folded loop Numba's
@@ -18,54 +18,19 @@ from .. import quant
 from . import compile_spec
 
 
-def _quantize_q8_0(x, blocks):
-    quant.quantize_rows(x, quant.Q8_0, blocks)
+def _with_format(spec_rows, fmt):
+    """``spec_rows(a, fmt, b)`` compiled with ``fmt`` frozen to a constant (a closure variable, which Numba freezes)."""
 
+    def rows(a, b):
+        spec_rows(a, fmt, b)
 
-def _quantize_q4_0(x, blocks):
-    quant.quantize_rows(x, quant.Q4_0, blocks)
-
-
-def _quantize_q4_1(x, blocks):
-    quant.quantize_rows(x, quant.Q4_1, blocks)
-
-
-def _quantize_q5_0(x, blocks):
-    quant.quantize_rows(x, quant.Q5_0, blocks)
-
-
-def _quantize_q5_1(x, blocks):
-    quant.quantize_rows(x, quant.Q5_1, blocks)
-
-
-def _dequantize_q8_0(blocks, x):
-    quant.dequantize_rows(blocks, quant.Q8_0, x)
-
-
-def _dequantize_q4_0(blocks, x):
-    quant.dequantize_rows(blocks, quant.Q4_0, x)
-
-
-def _dequantize_q4_1(blocks, x):
-    quant.dequantize_rows(blocks, quant.Q4_1, x)
-
-
-def _dequantize_q5_0(blocks, x):
-    quant.dequantize_rows(blocks, quant.Q5_0, x)
-
-
-def _dequantize_q5_1(blocks, x):
-    quant.dequantize_rows(blocks, quant.Q5_1, x)
+    return compile_spec(rows)
 
 
 #: ggml type number -> compiled ``rows(x, blocks)`` for that format (compiled on first use)
-QUANTIZE = {quant.Q8_0: compile_spec(_quantize_q8_0), quant.Q4_0: compile_spec(_quantize_q4_0),
-            quant.Q4_1: compile_spec(_quantize_q4_1), quant.Q5_0: compile_spec(_quantize_q5_0),
-            quant.Q5_1: compile_spec(_quantize_q5_1)}
+QUANTIZE = {fmt: _with_format(quant.quantize_rows, fmt) for fmt in quant.GGML_TYPES.values()}
 #: ggml type number -> compiled ``rows(blocks, x)``
-DEQUANTIZE = {quant.Q8_0: compile_spec(_dequantize_q8_0), quant.Q4_0: compile_spec(_dequantize_q4_0),
-              quant.Q4_1: compile_spec(_dequantize_q4_1), quant.Q5_0: compile_spec(_dequantize_q5_0),
-              quant.Q5_1: compile_spec(_dequantize_q5_1)}
+DEQUANTIZE = {fmt: _with_format(quant.dequantize_rows, fmt) for fmt in quant.GGML_TYPES.values()}
 
 
 def quantize_rows(x, fmt, blocks):
