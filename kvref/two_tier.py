@@ -475,7 +475,10 @@ class TwoTierCache(CacheBase):
         backend_ops(self.variant, self._host_backend()).attend_materialized_tokens(
             keys, values, key_positions, step.positions, self.max_tokens, np.asarray(self._ops.to_host(q)), scale,
             host_out)
-        out[...] = host_out
+        if self._ops.is_device_array(out):
+            out.copy_to_device(host_out)
+        else:
+            out[...] = host_out
         return out
 
     def advance(self, step):
