@@ -13,9 +13,11 @@ from . import memory, quant, shapes, toy
 from .attention import default_scale, visible
 from .backends import backends
 from .errors import (BackendUnavailableError, CacheOverflowError, DTypeError, IndexOutOfRangeError, KVCacheError,
-                     NonFiniteError, ShapeError, StaleStepError)
+                     NonFiniteError, DoubleFreeError, PageTableError, PoolExhaustedError, ShapeError,
+                     StaleStepError, UnknownSequenceError)
 from .cache import Step
 from .flat import FlatCache
+from .pooled import BlockPool, PooledCache, validate_page_table
 from .ring import RingCache
 from .two_tier import TwoTierCache
 from .shapes import PRESETS, CacheShape, preset
@@ -23,7 +25,8 @@ from .shapes import PRESETS, CacheShape, preset
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "CacheOverflowError", "CacheShape", "DTypeError", "FlatCache", "IndexOutOfRangeError",
+    "BackendUnavailableError", "BlockPool", "CacheOverflowError", "DoubleFreeError", "PageTableError",
+    "PoolExhaustedError", "PooledCache", "UnknownSequenceError", "validate_page_table", "CacheShape", "DTypeError", "FlatCache", "IndexOutOfRangeError",
     "KVCacheError", "NonFiniteError", "PRESETS", "ShapeError", "StaleStepError", "Step", "backends", "default_scale", "memory",
     "RingCache", "TwoTierCache", "preset", "quant", "shapes", "toy", "visible",
 ]

@@ -29,6 +29,8 @@ class Step:
     would overwrite keys that the step's own earlier queries still need (see ``kvref/ring.py``).
     ``tiers`` (two-tier cache only): (n_seq, 3) int64, per sequence the tokens already migrated before the step,
     the migrated count after it and the evicted count after it (see ``kvref/two_tier.py``).
+    ``tables``, ``starts``, ``copies`` (pooled cache only): the step's sequences' block tables and first held
+    positions after the step, and the (source, destination) block copies of copy-on-write (see ``kvref/pooled.py``).
     """
 
     seq_ids: np.ndarray
@@ -37,6 +39,9 @@ class Step:
     version: int
     deferred: bool = False
     tiers: np.ndarray = None
+    tables: np.ndarray = None
+    starts: np.ndarray = None
+    copies: np.ndarray = None
 
     @property
     def num_tokens(self):
@@ -69,7 +74,7 @@ class CacheBase:
 
     variant = None
 
-    def __init__(self, shape, batch, slots, backend):
+    def __init__(self, shape, batch, slots, backend, storage_dims=None):
         if not isinstance(shape, CacheShape):
             raise ShapeError("shape", "a kvref.CacheShape", type(shape).__name__)
         check_positive_int("batch", batch)
@@ -79,7 +84,8 @@ class CacheBase:
         self.batch = int(batch)
         self.backend = backend
         self._ops = backend_ops(self.variant, backend)
-        self._kv = self._ops.zeros(buffer_dims(shape, self.batch, int(slots)), shape.storage_dtype)
+        dims = buffer_dims(shape, self.batch, int(slots)) if storage_dims is None else storage_dims
+        self._kv = self._ops.zeros(dims, shape.storage_dtype)
         self._lengths = np.zeros(self.batch, np.int64)
         self._version = next_version()
         # a step whose K/V are held aside between write() and advance() (ring: deferred steps; two-tier: every step)
@@ -156,10 +162,11 @@ class CacheBase:
             raise StaleStepError("step", f"a step planned at cache version {self._version}",
                                  f"version {step.version}", detail="the cache changed since plan(); plan again")
         fresh = self.plan(step.num_tokens, step.seq_ids)  # re-validates the sequences and the capacity
-        same_tiers = (fresh.tiers is None and step.tiers is None) or (
-            fresh.tiers is not None and step.tiers is not None and np.array_equal(fresh.tiers, step.tiers))
-        if not (np.array_equal(fresh.positions, step.positions) and np.array_equal(fresh.slots, step.slots)
-                and fresh.deferred == step.deferred and same_tiers):
+        same = fresh.deferred == step.deferred
+        for name in ("seq_ids", "positions", "slots", "tiers", "tables", "starts", "copies"):
+            a, b = getattr(fresh, name), getattr(step, name)
+            same = same and ((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b)))
+        if not same:
             raise StaleStepError("step", "the positions and slots that plan() returned", "edited arrays")
 
     def _check_array(self, name, a, dims, dtype):

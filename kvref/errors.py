@@ -48,3 +48,20 @@ class StaleStepError(KVCacheError):
 
 class BackendUnavailableError(KVCacheError, RuntimeError):
     """The requested backend ("python", "cpu" or "cuda") cannot run here; the message says why."""
+
+
+class PoolExhaustedError(KVCacheError):
+    """The block pool has too few free blocks for a step (and eviction is off, or cannot free enough). No block was
+    taken and no block table was touched."""
+
+
+class DoubleFreeError(KVCacheError):
+    """A block whose ref count is already 0 was freed again, or a sequence was released twice."""
+
+
+class UnknownSequenceError(KVCacheError, LookupError):
+    """A sequence id that is not live in a pooled cache (never added, or already released)."""
+
+
+class PageTableError(KVCacheError, ValueError):
+    """A page table (FlashInfer's kv_indptr / kv_indices / kv_last_page_len) breaks one of its invariants."""

@@ -1,0 +1,43 @@
+"""CPU twins of the pooled cache's spec (``kvref/pooled.py``): the same functions, compiled.
+
+``attend_tokens_parallel`` is a schedule: ``prange`` over every (sequence, token, KV head) triple, each running the
+spec's ``attend_one`` (numbered as in the flat cache, ``kvref.flat.work_item``). ``attend_tokens`` picks it only when
+there is enough work to share (see ``kvref/cpu/flat.py``).
+"""
+
+import numba
+import numpy as np
+from numba import prange
+
+from .. import pooled
+from ..attention import WORK_COLUMNS
+from ..flat import work_item
+from . import ATTENTION_FASTMATH, compile_spec
+from .flat import PARALLEL_MIN_ROWS
+
+write_tokens = compile_spec(pooled.write_tokens)
+copy_blocks = compile_spec(pooled.copy_blocks)
+attend_tokens_serial = compile_spec(pooled.attend_tokens, fastmath=ATTENTION_FASTMATH)
+
+
+def _attend_tokens_parallel(kv, layer, tables, starts, positions, q, scale, out):
+    """Schedule: one work item per (i, t, h), spread over threads; the body is the spec's attend_one."""
+    n_seq, n_tokens = positions.shape
+    kv_heads = kv.shape[3]
+    group = q.shape[2] // kv_heads
+    for item in prange(n_seq * n_tokens * kv_heads):
+        i, t, h = work_item(item, n_tokens, kv_heads)
+        work = np.empty((group, WORK_COLUMNS), np.float32)
+        pooled.attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, h)
+
+
+attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTION_FASTMATH, parallel=True)
+
+
+def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
+    """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
+    rows = (int((positions - starts[:, None]).sum()) + positions.size) * kv.shape[3]
+    if numba.get_num_threads() > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * kv.shape[3] > 1:
+        attend_tokens_parallel(kv, layer, tables, starts, positions, q, scale, out)
+    else:
+        attend_tokens_serial(kv, layer, tables, starts, positions, q, scale, out)
