@@ -44,6 +44,10 @@ then the value rows):
   softmax is a sum, and the keys were rotated (RoPE) at their absolute positions before they were stored.
 
 Several segments can feed one softmax: :func:`softmax_start`, any number of segments, :func:`softmax_finish`.
+
+The tile functions are marked ``forceinline``: compiled, an array view handed to a function that is not inlined
+costs two atomic reference-count updates (and an atomic is a memory fence on x86), which the paged cache, calling
+:func:`attend_rows` once per block of 16 keys, would pay per block. Inlined, Numba drops them.
 """
 
 import math
@@ -101,7 +105,7 @@ def softmax_start(out, work):
             out[g, d] = 0.0
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def score_tile(q, k_tile, n, scale, work):
     """Scores of a tile of n key rows for the G query heads: ``work[g, j] = scale * (q[g] . k_tile[j])``. Each K row
     is read once and used for all G heads (GQA)."""
@@ -117,7 +121,7 @@ def score_tile(q, k_tile, n, scale, work):
             work[g, j] = s * scale
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def softmax_weights(n, out, work):
     """The softmax half of a tile update: turn the tile's n scores (``work[:, :n]``, -inf for a masked key) into
     weights p_j = exp(s_j - m') in place, update the running max and sum, and rescale the accumulator ``out``.
@@ -146,7 +150,7 @@ def softmax_weights(n, out, work):
             out[g, d] *= c
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def accumulate_rows(v_tile, n, out, work):
     """The value half of a tile update: ``acc[g] += p_j * v_j`` for the tile's n value rows (weights in ``work``).
 
@@ -164,14 +168,14 @@ def accumulate_rows(v_tile, n, out, work):
                 acc_row[d] += p * widen(v_row[d])
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def softmax_tile(v_tile, n, out, work):
     """Fold one tile of n scores (``work[:, :n]``) and its n value rows into the running softmax of G heads."""
     softmax_weights(n, out, work)
     accumulate_rows(v_tile, n, out, work)
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def attend_rows(q, keys, values, n_keys, scale, out, work):
     """Fold key/value rows 0 .. n_keys-1, all visible, into the running softmax (a tile of TILE rows at a time)."""
     for start in range(0, n_keys, TILE):

@@ -106,7 +106,7 @@ EVICTION_POLICIES = (None, "oldest")
 # ---------------------------------------------------------------------------------------------------------------
 # Spec: addressing, copy-on-write copy, write, attend
 # ---------------------------------------------------------------------------------------------------------------
-@register_jitable
+@register_jitable(forceinline=True)
 def block_of(table_row, start, position, block_size):
     """The block holding ``position`` of a sequence whose first held position is ``start``:
     ``table_row[p // B - start // B]`` (the table lists held blocks only, oldest first)."""
@@ -171,29 +171,35 @@ def write_tokens(kv, layer, slots, k_new, v_new):
 
 
 @register_jitable
-def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, h):
-    """Paged attention of the G query heads of KV head h, for new token t of step-sequence i.
+def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, first_head, end_head):
+    """Paged attention of new token t of step-sequence i, for KV heads ``first_head .. end_head - 1`` and their G
+    query heads each (GQA: query heads h*G .. h*G+G-1 share KV head h).
 
-    The query at position p sees positions ``starts[i] .. p``. They are read block by block: from position p0, the
-    block ``block_of(tables[i], starts[i], p0, B)`` holds the next ``n = min(B - p0 % B, p + 1 - p0)`` positions in
-    consecutive rows ``p0 % B ..``, which go into the online softmax like a flat cache's rows (``attend_rows``).
+    The query at position p sees positions ``starts[i] .. p``. They are read block by block: from position p0, block
+    ``block_of(tables[i], starts[i], p0, B)`` holds the next ``n = min(B - p0 % B, p + 1 - p0)`` positions in
+    consecutive rows ``p0 % B ..``; each head folds them into its own online softmax like a flat cache's rows
+    (``attend_rows``). The loop over blocks is outside the loop over heads: a block's rows of consecutive heads are
+    consecutive in the pool, so each block is read front to back once, and the blocks can lie anywhere in the pool.
+
+    work: (end_head - first_head, G, WORK_COLUMNS) float32 scratch, one online softmax per KV head.
     """
     block_size = kv.shape[4]
     group = q.shape[2] // kv.shape[3]
-    first = h * group
-    q_heads = q[i, t, first:first + group]
-    out_heads = out[i, t, first:first + group]
-    softmax_start(out_heads, work)
+    for h in range(first_head, end_head):
+        softmax_start(out[i, t, h * group:(h + 1) * group], work[h - first_head])
     position = starts[i]
     end = positions[i, t] + 1
     while position < end:
         block = block_of(tables[i], starts[i], position, block_size)
         offset = position % block_size
         n = min(block_size - offset, end - position)
-        attend_rows(q_heads, kv[layer, 0, block, h, offset:], kv[layer, 1, block, h, offset:], n, scale, out_heads,
-                    work)
+        for h in range(first_head, end_head):
+            attend_rows(q[i, t, h * group:(h + 1) * group], kv[layer, 0, block, h, offset:],
+                        kv[layer, 1, block, h, offset:], n, scale, out[i, t, h * group:(h + 1) * group],
+                        work[h - first_head])
         position += n
-    softmax_finish(out_heads, work)
+    for h in range(first_head, end_head):
+        softmax_finish(out[i, t, h * group:(h + 1) * group], work[h - first_head])
 
 
 @register_jitable
@@ -205,12 +211,11 @@ def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
     q, out: (n_seq, T, q_heads, D) float32 (out is overwritten)
     """
     n_seq, n_tokens, q_heads, head_dim = q.shape
-    group = q_heads // kv.shape[3]
-    work = np.empty((group, WORK_COLUMNS), np.float32)
+    kv_heads = kv.shape[3]
+    work = np.empty((kv_heads, q_heads // kv_heads, WORK_COLUMNS), np.float32)
     for i in range(n_seq):
         for t in range(n_tokens):
-            for h in range(kv.shape[3]):
-                attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, h)
+            attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 0, kv_heads)
 
 
 # ---------------------------------------------------------------------------------------------------------------

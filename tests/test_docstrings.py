@@ -9,7 +9,7 @@ import pytest
 import kvref
 
 # importing numba.cuda here would fix the simulator choice; see tests_cuda
-SKIP = {"kvref.cuda", "kvref.cuda.flat", "kvref.cuda.ring", "kvref.cuda.quant", "kvref.cuda.two_tier"}
+SKIP = {"kvref.cuda", "kvref.cuda.flat", "kvref.cuda.ring", "kvref.cuda.quant", "kvref.cuda.two_tier", "kvref.cuda.pooled"}
 
 
 def public_modules():

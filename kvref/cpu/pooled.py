@@ -20,15 +20,26 @@ copy_blocks = compile_spec(pooled.copy_blocks)
 attend_tokens_serial = compile_spec(pooled.attend_tokens, fastmath=ATTENTION_FASTMATH)
 
 
-def _attend_tokens_parallel(kv, layer, tables, starts, positions, q, scale, out):
-    """Schedule: one work item per (i, t, h), spread over threads; the body is the spec's attend_one."""
+def head_ranges(n_items, kv_heads, threads):
+    """How many ranges to split the KV heads into so that the parallel schedule has about ``threads`` work items per
+    thread pool: 1 when the (sequence, token) pairs alone are enough."""
+    return min(kv_heads, max(1, -(-threads // n_items)))
+
+
+def _attend_tokens_parallel(kv, layer, tables, starts, positions, q, scale, out, ranges):
+    """Schedule: one work item per (i, t, range of KV heads), spread over threads; the body is the spec's
+    attend_one."""
     n_seq, n_tokens = positions.shape
     kv_heads = kv.shape[3]
     group = q.shape[2] // kv_heads
-    for item in prange(n_seq * n_tokens * kv_heads):
-        i, t, h = work_item(item, n_tokens, kv_heads)
-        work = np.empty((group, WORK_COLUMNS), np.float32)
-        pooled.attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, h)
+    per_range = -(-kv_heads // ranges)
+    for item in prange(n_seq * n_tokens * ranges):
+        i, t, r = work_item(item, n_tokens, ranges)
+        first = r * per_range
+        end = min(kv_heads, first + per_range)
+        if first < end:
+            work = np.empty((end - first, group, WORK_COLUMNS), np.float32)
+            pooled.attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, first, end)
 
 
 attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTION_FASTMATH, parallel=True)
@@ -37,7 +48,9 @@ attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTIO
 def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
     """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
     rows = (int((positions - starts[:, None]).sum()) + positions.size) * kv.shape[3]
-    if numba.get_num_threads() > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * kv.shape[3] > 1:
-        attend_tokens_parallel(kv, layer, tables, starts, positions, q, scale, out)
+    threads = numba.get_num_threads()
+    if threads > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * kv.shape[3] > 1:
+        ranges = head_ranges(positions.size, kv.shape[3], threads)
+        attend_tokens_parallel(kv, layer, tables, starts, positions, q, scale, out, ranges)
     else:
         attend_tokens_serial(kv, layer, tables, starts, positions, q, scale, out)

@@ -1,0 +1,150 @@
+"""CUDA twins of the pooled (paged) cache's spec (``kvref/pooled.py``): thread mappings whose bodies call the spec.
+
+The kernels below contain no cache logic: no page-table walk, no slot arithmetic, no softmax. Each thread works out
+which element (write, copy) or which work item (attend) is its own and calls the spec function that handles exactly
+that, ``pooled.write_one``, ``pooled.copy_one`` or ``pooled.attend_one``, which numba-cuda compiles as device
+functions together with everything they call (``pooled.block_of``, ``attention.attend_rows``, ``fp16.widen``'s
+generic overload, ``attention.exp_f32``).
+
+Thread mappings::
+
+    copy     grid (n_copies, kv_heads), block min(B * head_dim, 1024) threads
+             block (c, h) copies KV head h of copy-on-write pair c (source block copies[c, 0] -> copies[c, 1]), K and
+             V, this layer; thread x strides over the B * head_dim elements of the block, element e = r * head_dim + d
+             (row r, element d). A step without copies launches nothing.
+    write    grid (n_seq * T, kv_heads), block head_dim threads       (as for the flat cache)
+             block (row, h) is token t of step-sequence i with row = i * T + t; thread d stores element d in the
+             token's slot (block = slot // B, row = slot % B); if head_dim > 1024, each thread strides over d
+    attend   one thread per work item (i, t, kv_head), item = cuda.grid(1) = (i * T + t) * kv_heads + h
+             each thread runs the whole online softmax of its G query heads over the positions starts[i] .. p,
+             block by block through the step's table tables[i] (the spec's head range h .. h + 1)
+
+``PooledCache.write`` launches copy, then write, on one stream, so a copied block is complete before a new token
+lands in it (the order of the spec: copies first, then the scatter). Within a launch no two threads write one
+element: the plan's copy targets are distinct fresh blocks, and its slots are distinct.
+
+As for the flat cache, the attend mapping is the simplest one that calls the spec unchanged: the spec's
+``attend_tokens`` allocates its scratch with ``np.empty``, which CUDA device code cannot do, so the launcher
+allocates a global-memory scratch array ``work`` of shape ``(n_items, G, WORK_COLUMNS)`` float32 and hands
+``work[item:item + 1]`` (the scratch of a one-head range) to each thread. The same future work applies (a thread block per work item, splitting each page's
+keys over its threads with a shared-memory reduction).
+
+Numerics: writes and copies are copies, bit-identical to the python backend. Attention agrees with the spec to
+float32 rounding, not bit for bit (FMA contraction, libdevice's exp).
+
+Kernel bodies are plain Python functions made into kernels with ``cuda.jit``; ``KERNELS`` lists each body with the
+signatures it is launched with (fp32 and uint16 storage), which ``tests/test_ptx.py`` compiles to sm_90 PTX.
+"""
+
+import numpy as np
+from numba import cuda
+
+from .. import pooled
+from ..flat import work_item
+from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: index arithmetic only; the work is the spec's.
+# ---------------------------------------------------------------------------------------------------------------
+def _copy_kernel_body(kv, layer, copies):
+    """Block (c, h) copies KV head h of copy-on-write pair c; thread x copies elements x, x + blockDim, ... of the
+    block's B * head_dim (row r = e // head_dim, element d = e % head_dim)."""
+    c = cuda.blockIdx.x
+    h = cuda.blockIdx.y
+    head_dim = kv.shape[5]
+    for e in range(cuda.threadIdx.x, kv.shape[4] * head_dim, cuda.blockDim.x):
+        pooled.copy_one(kv, layer, copies, c, h, e // head_dim, e % head_dim)
+
+
+def _write_kernel_body(kv, layer, slots, k_new, v_new):
+    """Block (i * T + t, h) writes head h of new token t of step-sequence i; thread d writes element d."""
+    n_tokens = slots.shape[1]
+    row = cuda.blockIdx.x
+    i = row // n_tokens
+    t = row % n_tokens
+    h = cuda.blockIdx.y
+    for d in range(cuda.threadIdx.x, k_new.shape[3], cuda.blockDim.x):
+        pooled.write_one(kv, layer, slots, k_new, v_new, i, t, h, d)
+
+
+def _attend_kernel_body(kv, layer, tables, starts, positions, q, scale, out, work):
+    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+    n_seq, n_tokens = positions.shape
+    kv_heads = kv.shape[3]
+    item = cuda.grid(1)
+    if item < n_seq * n_tokens * kv_heads:
+        i, t, h = work_item(item, n_tokens, kv_heads)
+        pooled.attend_one(kv, layer, tables, starts, positions, q, scale, out, work[item:item + 1], i, t, h, h + 1)
+
+
+_copy_kernel = cuda.jit(_copy_kernel_body)
+_write_kernel = cuda.jit(_write_kernel_body)
+_attend_kernel = cuda.jit(_attend_kernel_body)
+
+
+def _signatures():
+    """The signatures the launchers below use (C-contiguous arrays; storage float32 or uint16)."""
+    from numba.core.types import float32 as f32, int64 as i64
+
+    return kernel_signatures({
+        "copy": lambda s, C: (C(s, 6), i64, C(i64, 2)),
+        "write": lambda s, C: (C(s, 6), i64, C(i64, 2), C(s, 4), C(s, 4)),
+        "attend": lambda s, C: (C(s, 6), i64, C(i64, 2), C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4),
+                                C(f32, 3)),
+    })
+
+
+#: every kernel of this module: name -> (plain Python body, [numba signatures it is launched with])
+KERNELS = {
+    "pooled.copy": (_copy_kernel_body, _signatures()["copy"]),
+    "pooled.write": (_write_kernel_body, _signatures()["write"]),
+    "pooled.attend": (_attend_kernel_body, _signatures()["attend"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers and the operations object a cache calls (the interface of kvref.backends.HostOps)
+# ---------------------------------------------------------------------------------------------------------------
+def copy_blocks(kv, layer, copies):
+    """The step's copy-on-write copies for one layer (spec: ``kvref.pooled.copy_blocks``); ``kv`` is on the device.
+
+    copies: (n, 2) int64 (source block, target block), host or device array; nothing is launched when n = 0.
+    """
+    n_copies = copies.shape[0]
+    if n_copies == 0:
+        return
+    block_size, head_dim = kv.shape[4], kv.shape[5]
+    threads = min(block_size * head_dim, MAX_BLOCK_THREADS)
+    _copy_kernel[(n_copies, kv.shape[3]), threads](kv, int(layer), on_device(copies))
+
+
+def write_tokens(kv, layer, slots, k_new, v_new):
+    """Scatter the new K/V of one layer into their pool slots (spec: ``kvref.pooled.write_tokens``); ``kv`` is on
+    the device.
+
+    slots: (n_seq, T) int64; k_new, v_new: (n_seq, T, kv_heads, head_dim) in the storage dtype, host or device arrays.
+    """
+    n_seq, n_tokens, kv_heads, head_dim = k_new.shape
+    threads = min(head_dim, MAX_BLOCK_THREADS)
+    _write_kernel[(n_seq * n_tokens, kv_heads), threads](
+        kv, int(layer), on_device(slots), on_device(k_new), on_device(v_new))
+
+
+def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
+    """Paged attention of one layer for every new token (spec: ``kvref.pooled.attend_tokens``), into ``out`` in place.
+
+    tables: (n_seq, C) int64; starts: (n_seq,) int64; positions: (n_seq, T) int64;
+    q, out: (n_seq, T, q_heads, head_dim) float32, host or device arrays; a host ``out`` receives a copy of the result.
+    """
+    n_seq, n_tokens, q_heads, head_dim = q.shape
+    kv_heads = kv.shape[3]
+    blocks, threads, work = attend_launch(n_seq * n_tokens * kv_heads, q_heads // kv_heads)
+    d_out = result_array(out)
+    _attend_kernel[blocks, threads](kv, int(layer), on_device(tables), on_device(starts), on_device(positions),
+                                    on_device(q), np.float32(scale), d_out, work)
+    copy_result(d_out, out)
+    return out
+
+
+OPS = CudaOps(write_tokens=write_tokens, copy_blocks=copy_blocks, attend_tokens=attend_tokens)
