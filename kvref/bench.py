@@ -253,6 +253,72 @@ def bench_ring(n, kv_heads, dtype, rng, rounds=3):
     return best
 
 
+def _pooled_ready(cache, k, v, n_before, rng):
+    """A PooledCache whose free queue is shuffled first (the block order a pool has after long churn: a sequence's
+    blocks are scattered, not consecutive), filled with ``n_before`` tokens plus one written decode token."""
+    from collections import deque
+
+    cache.pool.free_queue = deque(int(b) for b in rng.permutation(cache.num_blocks))
+    return _decode_ready(cache, k, v, n_before, rng)
+
+
+def bench_pooled(n, kv_heads, dtype, rng, block_size=16, rounds=3):
+    """Decode attention over n keys: a PooledCache (blocks of ``block_size``, scattered over the pool) vs a FlatCache
+    holding n tokens. Alternating rounds on rotated caches, best median of each. Returns {"pooled", "flat", "ratio"}."""
+    import numpy as np
+
+    from .flat import FlatCache
+    from .pooled import PooledCache
+    from .shapes import CacheShape
+
+    shape = CacheShape(1, Q_HEADS, kv_heads, D, dtype)
+    count = max(1, math.ceil(ROTATE_BYTES / _kv_bytes(kv_heads, n, dtype)))
+    k = rng.standard_normal((1, 1, n, kv_heads, D), dtype=np.float32).astype(dtype)
+    v = rng.standard_normal((1, 1, n, kv_heads, D), dtype=np.float32).astype(dtype)
+    pools, flats = [], []
+    for _ in range(count):
+        pool = PooledCache(shape, num_blocks=-(-n // block_size), block_size=block_size, backend="cpu")
+        pools.append((pool, _pooled_ready(pool, k, v, n - 1, rng)))
+        flat = FlatCache(shape, batch=1, max_tokens=n, backend="cpu")
+        flats.append((flat, _decode_ready(flat, k, v, n - 1, rng)))
+    q = rng.standard_normal((1, 1, Q_HEADS, D), dtype=np.float32)
+    out = np.empty_like(q)
+    best = {"pooled": math.inf, "flat": math.inf}
+    for _ in range(rounds):
+        for name, pairs in (("pooled", pools), ("flat", flats)):
+            t = _median_time(lambda c, s: c.attend(s, 0, q, out=out), pairs, min_seconds=0.2)
+            best[name] = min(best[name], t)
+    best["ratio"] = best["pooled"] / best["flat"]
+    return best
+
+
+def pooled_memory(max_tokens=8192, batch=16, block_sizes=(1, 16, 128), kv_heads=8, dtype="float16", seed=0):
+    """Measured bytes of a batch of ``batch`` sequences with mixed lengths (uniform in [1, max_tokens], fixed seed):
+    a FlatCache sized for max_tokens (its ``nbytes``) vs a PooledCache holding the same tokens (``stats()
+    ["bytes_used"]``, the blocks in use), per block size. One layer, 32 query heads, head_dim 128."""
+    import numpy as np
+
+    from .flat import FlatCache
+    from .pooled import PooledCache
+    from .shapes import CacheShape
+
+    shape = CacheShape(1, Q_HEADS, kv_heads, D, dtype)
+    lengths = np.random.default_rng(seed).integers(1, max_tokens + 1, batch)
+    flat = FlatCache(shape, batch=batch, max_tokens=max_tokens, backend="cpu")
+    rows = {"lengths": lengths.tolist(), "tokens": int(lengths.sum()), "flat_nbytes": flat.nbytes,
+            "token_bytes": flat.token_bytes, "pooled": []}
+    for block_size in block_sizes:
+        blocks = int(sum(-(-int(n) // block_size) for n in lengths))
+        cache = PooledCache(shape, num_blocks=blocks, block_size=block_size, batch=batch, backend="cpu")
+        for s, n in enumerate(lengths.tolist()):
+            kv = np.zeros((1, 1, n, kv_heads, D), dtype)
+            cache.append(kv, kv, seq_ids=[s])
+        stats = cache.stats()
+        rows["pooled"].append({"block_size": block_size, "bytes_used": stats["bytes_used"],
+                               "internal_fragmentation": stats["internal_fragmentation"]})
+    return rows
+
+
 def ring_memory(window=4096, n_values=(1024, 4096, 16384, 65536), kv_heads=8, dtype="float16"):
     """Measured ``nbytes`` of one RingCache of window W after n tokens, next to what a flat cache holding n tokens
     needs (kvref.memory.cache_bytes). One layer, 32 query heads, head_dim 128."""
@@ -416,10 +482,20 @@ def run_threads(threads, sizes, quick):
         print(f"  [{threads} thr] two-tier vs flat fp16 kv_heads={kv_heads} n={n}: "
               + ", ".join(f"{k} {r[k] * 1e3:.2f} ms" for k in r if k != "bytes"), file=sys.stderr, flush=True)
     result["two_tier"] = two_tier_rows
+    pooled_rows = []
+    for dtype in ("float32", "float16"):
+        for kv_heads in (8, 32):
+            for n in sizes[-2:]:
+                r = bench_pooled(n, kv_heads, dtype, rng)
+                pooled_rows.append({"dtype": dtype, "kv_heads": kv_heads, "n": n, **r})
+                print(f"  [{threads} thr] pooled (B=16) vs flat {dtype} kv_heads={kv_heads} n={n}: ratio "
+                      f"{r['ratio']:.3f}", file=sys.stderr, flush=True)
+    result["pooled"] = pooled_rows
     if threads == 1:
         result["append"] = bench_append([1024, 4096, 16384, 65536], rng=rng)
         result["ring_memory"] = ring_memory()
         result["quantize"] = bench_quantize(rng, rows=4096 if quick else 16384)
+        result["pooled_memory"] = pooled_memory()
     return result
 
 
@@ -543,8 +619,37 @@ def report(results, machine):
                 if r["threads"] == 1 and row["kv_heads"] == 8:
                     quant_targets.append((f"two-tier ({fmt} store) faster than flat fp16, n={row['n']}, GQA, "
                                           "1 thread", f"{row['flat'] / row[fmt]:.2f}x", row[fmt] < row["flat"]))
-    lines += ["", "## Targets (issues #3, #4 and #5)", "", "| target | measured | met |", "|---|---|---|"]
-    targets += ring_targets + quant_targets
+    pooled_targets = []
+    for r in results:
+        if not r.get("pooled"):
+            continue
+        lines += ["", f"## Pooled (paged, block size 16) vs flat decode attention, {r['threads']} thread(s)", "",
+                  "A PooledCache whose blocks are scattered over the pool (its free queue shuffled first, as after "
+                  "long churn) against a FlatCache, both holding n tokens; one query token, 32 query heads, head_dim "
+                  "128. Timed in alternating rounds; ratio = pooled time / flat time.", "",
+                  "| dtype | kv heads | n | pooled ms | flat ms | pooled / flat |", "|---|---|---|---|---|---|"]
+        for row in r["pooled"]:
+            lines.append(f"| {row['dtype']} | {row['kv_heads']} | {row['n']} | {row['pooled'] * 1e3:.2f} | "
+                         f"{row['flat'] * 1e3:.2f} | {row['ratio']:.3f} |")
+        for n in sorted({row["n"] for row in r["pooled"]}):
+            worst = max((row for row in r["pooled"] if row["n"] == n), key=lambda row: row["ratio"])
+            pooled_targets.append((f"Paged (B=16) / flat attention <= 1.15 at n={n}, {r['threads']} thread(s) "
+                                   f"(worst: {worst['dtype']}, {worst['kv_heads']} KV heads)",
+                                   f"{worst['ratio']:.3f}", worst["ratio"] <= 1.15))
+    if one and one[0].get("pooled_memory"):
+        m = one[0]["pooled_memory"]
+        lines += ["", f"## Pooled memory: {len(m['lengths'])} sequences of mixed lengths (1 .. 8192 tokens)", "",
+                  "Measured: `nbytes` of a FlatCache sized for the longest possible sequence (8192 tokens each) vs "
+                  "`stats()['bytes_used']` (blocks in use x bytes per block) of a PooledCache after appending the "
+                  f"same {m['tokens']:,} tokens (one layer, 8 KV heads, fp16, head_dim 128).", "",
+                  "| cache | bytes | vs tokens held | internal fragmentation (slots) |", "|---|---|---|---|"]
+        held = m["tokens"] * m["token_bytes"]
+        lines.append(f"| flat, max_tokens 8192 | {m['flat_nbytes']:,} | {m['flat_nbytes'] / held:.2f}x | — |")
+        for row in m["pooled"]:
+            lines.append(f"| pooled, B = {row['block_size']} | {row['bytes_used']:,} | "
+                         f"{row['bytes_used'] / held:.3f}x | {row['internal_fragmentation']:,} |")
+    lines += ["", "## Targets (issues #3, #4, #5 and #6)", "", "| target | measured | met |", "|---|---|---|"]
+    targets += ring_targets + quant_targets + pooled_targets
     for name, value, met in targets:
         lines.append(f"| {name} | {value} | {'yes' if met else '**no**'} |")
     lines += ["", NOTES]

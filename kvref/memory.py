@@ -22,7 +22,21 @@ slots of ggml blocks (:func:`two_tier_bytes`): per token, layer and KV head, K a
 ``head_dim / 32 * bytes_per_block`` bytes (34 for q8_0, 18 for q4_0), i.e. 1.0625 or 0.5625 bytes per element
 instead of 2 (fp16): 1.88x and 3.56x less. The bytes of N held tokens of which R are in the tail are
 ``R * tail_bytes_per_token + (N - R) * store_bytes_per_token`` (:func:`two_tier_held_bytes`).
+
+A pooled (paged) cache (``kvref/pooled.py``) allocates one pool of ``num_blocks`` blocks of B = ``block_size`` token
+slots, shared by every sequence: ``num_blocks * B * bytes_per_token`` (:func:`pooled_bytes`, its ``nbytes``). A
+sequence of L tokens takes ``ceil(L / B)`` blocks, so a batch of lengths L_i uses
+
+    blocks_needed = sum ceil(L_i / B)                            (:func:`blocks_needed`; without forked sharing)
+    bytes_used    = blocks_needed * B * bytes_per_token          (:func:`pooled_used_bytes`, ``stats()["bytes_used"]``)
+
+against ``batch * max(L_i) * bytes_per_token`` for a flat cache sized for the longest sequence. Only the last block
+of a sequence is partly empty: the **internal fragmentation** is ``sum (ceil(L_i / B) * B - L_i)`` slots
+(:func:`internal_fragmentation`), fewer than B per sequence. B = 1 wastes nothing but needs a table entry per
+token; a large B approaches the flat cache's waste for short sequences.
 """
+
+import numpy as np
 
 from .errors import ShapeError
 from .shapes import check_positive_int
@@ -99,6 +113,43 @@ def two_tier_held_bytes(shape, held_tokens, tail_held, fmt):
     """Bytes that ``held_tokens`` tokens of one sequence really occupy when ``tail_held`` of them are in the tail
     and the rest in the store (what ``stats()["bytes_used"]`` counts)."""
     return tail_held * bytes_per_token(shape) + (held_tokens - tail_held) * store_bytes_per_token(shape, fmt)
+
+
+def _check_lengths(lengths):
+    """The lengths as a list of ints >= 0 (ShapeError otherwise)."""
+    values = list(lengths)
+    for i, n in enumerate(values):
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ShapeError("lengths", "integers >= 0 (tokens per sequence)", f"lengths[{i}] = {n!r}")
+    return [int(n) for n in values]
+
+
+def pooled_bytes(shape, num_blocks, block_size):
+    """Allocated bytes of a pooled cache (``PooledCache.nbytes``): the pool's ``num_blocks * block_size`` token
+    slots, all layers, K and V: ``num_blocks * block_size * bytes_per_token``. The same whatever the sequences hold."""
+    check_positive_int("num_blocks", num_blocks)
+    check_positive_int("block_size", block_size)
+    return num_blocks * block_size * bytes_per_token(shape)
+
+
+def blocks_needed(lengths, block_size):
+    """Blocks a batch of sequences of ``lengths`` tokens takes from the pool, none shared: ``sum ceil(L / B)``
+    (a sequence takes block k when it writes position k * B; an empty sequence takes none)."""
+    check_positive_int("block_size", block_size)
+    return sum(-(-n // block_size) for n in _check_lengths(lengths))
+
+
+def pooled_used_bytes(shape, lengths, block_size):
+    """Bytes of the blocks a batch of ``lengths`` tokens uses in a pooled cache, none shared (what
+    ``stats()["bytes_used"]`` reports): ``blocks_needed * block_size * bytes_per_token``."""
+    return blocks_needed(lengths, block_size) * block_size * bytes_per_token(shape)
+
+
+def internal_fragmentation(lengths, block_size):
+    """Token slots allocated but empty (``stats()["internal_fragmentation"]`` without sharing or eviction): the
+    unused tail of each sequence's last block, ``sum (ceil(L / B) * B - L)``; each term is below B."""
+    check_positive_int("block_size", block_size)
+    return sum(-(-n // block_size) * block_size - n for n in _check_lengths(lengths))
 
 
 def wrong_heads_bytes(shape, batch, max_tokens):

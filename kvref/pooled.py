@@ -29,8 +29,10 @@ least recently freed block is reused first). The invariants, checked by the test
    :class:`Books`), one sequence after the other:
 
    - *copy-on-write*: if the sequence's last block is partially filled (``L % B != 0``), the step writes into it. If
-     that block S is shared (ref >= 2), take a fresh block D, record the copy S -> D, list D instead of S and drop
-     one reference to S (so a second sharer in the same step finds S no longer shared and writes into S itself);
+     that block S is shared (ref >= 2 before the step), take a fresh block D, record the copy S -> D, list D instead
+     of S and drop one reference to S. Every sharer that appends copies (after a crop, sharers of S can have
+     different lengths, so writing into S could overwrite a row another sharer still holds); when the last
+     reference goes, S returns to the pool;
    - *allocation*: one new block for each block boundary the new tokens cross, logical blocks ``ceil(L / B)`` ..
      ``ceil((L + T) / B) - 1``. This is the only place blocks are taken: a sequence gets block k when it writes
      position k * B.
@@ -39,8 +41,11 @@ least recently freed block is reused first). The invariants, checked by the test
    touched. (With ``evict="oldest"`` blocks are reclaimed first, below.) The Step carries the positions, the slots,
    its sequences' tables and first held positions after the step, and the copies.
 2. **write** (per layer, compiled): first the layer's copy-on-write copies (``kv[layer, :, D] = kv[layer, :, S]``),
-   then the new K/V scattered into their slots. Until advance, the blocks a plan chose are still free in the real
-   pool; a free block holds nothing anyone reads, so a step that is never advanced changes nothing that matters.
+   then the new K/V scattered into their slots. A plan can be dropped (nothing changed), but **a written step must
+   be advanced**: its writes may already have gone into blocks that the dry run freed (eviction) and handed out
+   again. So after the first ``write`` the cache refuses any other plan or change (:class:`StaleStepError`) until
+   ``advance(step)``, or ``reset()``, which empties every sequence. (Engines work this way: a forward pass, once
+   started, is finished.)
 3. **attend** (per layer, compiled): the query at position p of sequence s sees its held positions ``e[s] .. p``,
    read block by block through the step's tables (:func:`attend_one`); each block is a contiguous run of rows.
 4. **advance** (host) commits the dry run. Every layer must have been written (a copy-on-write happens per layer).
@@ -59,8 +64,9 @@ its oldest tokens evicted, and holds positions ``e[s] .. L - 1``. A block is fre
 evicted (block k of s goes when ``e[s] >= (k + 1) * B``); a partially evicted block stays and its evicted rows are
 never read. Seed 004 removed a whole block when fewer tokens had to go, so it evicted more than asked. Two rules:
 
-- a sequence that would pass ``max_tokens`` drops exactly ``L + T - max_tokens`` tokens: it keeps a sliding window
-  of ``max_tokens`` tokens (without eviction that step raises :class:`CacheOverflowError`);
+- a sequence that would hold more than ``max_tokens`` tokens drops exactly the excess, ``e' = L + T - max_tokens``:
+  it keeps a sliding window of ``max_tokens`` tokens (without eviction that step raises :class:`CacheOverflowError`;
+  ``max_tokens`` always bounds the tokens *held*, ``L - e``, so tokens dropped with ``evict_tokens`` make room);
 - when the pool runs dry, the sequence holding the most blocks (ties: the lowest id) drops its oldest block, provided
   that block is full and no other sequence lists it (dropping a shared block would free nothing): exactly that
   block's held tokens, ``e' = (first + 1) * B``. Repeated until the step fits, else :class:`PoolExhaustedError`.
@@ -93,7 +99,7 @@ from numba.extending import register_jitable
 from .attention import WORK_COLUMNS, attend_rows, softmax_finish, softmax_start
 from .cache import CacheBase, Step, freeze
 from .errors import (CacheOverflowError, DoubleFreeError, IndexOutOfRangeError, PageTableError, PoolExhaustedError,
-                     ShapeError, UnknownSequenceError)
+                     ShapeError, StaleStepError, UnknownSequenceError)
 from .shapes import buffer_dims, check_index, check_positive_int
 
 __all__ = ["BlockPool", "Books", "PooledCache", "attend_one", "attend_tokens", "block_of", "copy_blocks", "copy_one",
@@ -101,6 +107,8 @@ __all__ = ["BlockPool", "Books", "PooledCache", "attend_one", "attend_tokens", "
 
 #: evict= values: None (exhaustion and overflow raise) or "oldest" (drop a sequence's oldest tokens, see above)
 EVICTION_POLICIES = (None, "oldest")
+#: KV heads per pass over a sequence's blocks in attend_tokens
+HEADS_PER_PASS = 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +223,9 @@ def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
     work = np.empty((kv_heads, q_heads // kv_heads, WORK_COLUMNS), np.float32)
     for i in range(n_seq):
         for t in range(n_tokens):
-            attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 0, kv_heads)
+            for first in range(0, kv_heads, HEADS_PER_PASS):
+                attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, first,
+                           min(kv_heads, first + HEADS_PER_PASS))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,8 +412,8 @@ class PooledCache(CacheBase):
         self.evict = evict
         super().__init__(shape, self.max_seqs, self.block_size, backend,
                          storage_dims=buffer_dims(shape, self.num_blocks, self.block_size))
-        # table width: the blocks max_tokens can touch (+1 with eviction: a window need not start on a block edge)
-        self.table_width = -(-self.max_tokens // self.block_size) + (1 if evict else 0)
+        # table width: the blocks max_tokens held tokens can touch (+1: they need not start on a block edge)
+        self.table_width = -(-self.max_tokens // self.block_size) + 1
         self._books = Books(BlockPool(self.num_blocks), np.full((self.max_seqs, self.table_width), -1, np.int64),
                             self._lengths, np.zeros(self.max_seqs, np.int64))
         self._status = np.full(self.max_seqs, NEVER_USED, np.int8)
@@ -557,6 +567,7 @@ class PooledCache(CacheBase):
     def add_sequence(self):
         """Start an empty sequence in the lowest free row; returns its id."""
         seq = self._new_row()
+        self._check_not_mid_step("add_sequence")
         self._status[seq] = LIVE
         self._lengths[seq] = 0
         self._books.starts[seq] = 0
@@ -569,6 +580,7 @@ class PooledCache(CacheBase):
         The first append of either into a shared, partially filled block copies that block first."""
         seq = self._check_live("seq", seq)
         child = self._new_row()
+        self._check_not_mid_step("fork")
         books = self._books
         for column in range(books.held_blocks(seq, self.block_size)):
             books.pool.share(int(books.tables[seq, column]))
@@ -585,6 +597,7 @@ class PooledCache(CacheBase):
         if self._status[seq] == RELEASED:
             raise DoubleFreeError("seq", "a live sequence", f"sequence {int(seq)}, already released")
         self._check_live("seq", seq)
+        self._check_not_mid_step("release")
         self._drop_tail(int(seq), 0)
         self._status[seq] = RELEASED
         self._bump()
@@ -609,6 +622,7 @@ class PooledCache(CacheBase):
                 0 <= num_tokens <= held):
             raise IndexOutOfRangeError("num_tokens", f"an integer in [0, {held}] (tokens held by sequence {seq})",
                                        repr(num_tokens))
+        self._check_not_mid_step("evict_tokens")
         free_before = self.pool.num_free
         self._books.evict_to(seq, int(self._books.starts[seq]) + int(num_tokens), self.block_size)
         self._bump()
@@ -624,6 +638,7 @@ class PooledCache(CacheBase):
         if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or not (
                 0 <= count <= pool.num_free):
             raise IndexOutOfRangeError("num_blocks", f"an integer in [0, {pool.num_free}] (free blocks)", repr(count))
+        self._check_not_mid_step("prewarm")
         blocks = [b for b in list(pool.free_queue)[:count] if not pool.touched[b]]
         if blocks and isinstance(self._kv, np.ndarray):
             self._kv[:, :, blocks] = 0
@@ -648,7 +663,7 @@ class PooledCache(CacheBase):
         B = self.block_size
         victim, most = -1, 0
         for seq in self.live_sequences():
-            held = books.held_blocks(seq, B)
+            held = int((books.tables[seq] >= 0).sum())  # listed now, blocks this step gave it included
             first = int(books.starts[seq]) // B
             full = (first + 1) * B <= books.lengths[seq]
             if held > most and full and books.pool.ref_counts[books.tables[seq, 0]] == 1:
@@ -668,21 +683,21 @@ class PooledCache(CacheBase):
             raise CacheOverflowError("num_tokens", f"<= max_tokens={M} (the most a sequence holds)", T,
                                      detail="nothing was written")
         books = self._books.copy()
-        for s in ids.tolist():  # 1. sliding window of max_tokens
+        for s in ids.tolist():  # 1. at most max_tokens held tokens (e .. L + T - 1): a sliding window
             end = int(books.lengths[s]) + T
-            if end > M:
+            if end - int(books.starts[s]) > M:
                 if self.evict is None:
                     raise CacheOverflowError(
-                        "num_tokens", f"<= remaining capacity {M - int(books.lengths[s])} of sequence {s}", T,
-                        detail="nothing was written; evict='oldest' would keep a sliding window instead")
-                books.evict_to(s, max(end - M, int(books.starts[s])), B)  # e may be past end - M already
+                        "num_tokens", f"<= remaining capacity {M - end + T + int(books.starts[s])} of sequence {s}",
+                        T, detail="nothing was written; evict='oldest' would keep a sliding window instead")
+                books.evict_to(s, end - M, B)
         copies, short = [], [0]
         free_before = self.pool.num_free
         for s in ids.tolist():  # 2. copy-on-write, then one block per boundary crossed
             length = int(books.lengths[s])
             if length % B:
-                shared = books.tables[s, books.held_blocks(s, B) - 1]
-                if books.pool.ref_counts[shared] > 1:
+                last = books.tables[s, books.held_blocks(s, B) - 1]
+                if self.pool.ref_counts[last] > 1:  # shared before the step: copy, never write into it
                     fresh = self._take_block(books, short)
                     column = books.held_blocks(s, B) - 1  # after _take_block: an eviction may have shifted the table
                     if fresh >= 0:
@@ -710,8 +725,20 @@ class PooledCache(CacheBase):
         copies = np.array(copies, np.int64).reshape(-1, 2)
         freeze(ids, positions, slots, tables, starts, copies)
         step = Step(ids, positions, slots, self._version, tables=tables, starts=starts, copies=copies)
-        self._dry_runs = {key: (step, books)}
+        self._dry_runs[key] = (step, books)
         return step, books
+
+    def _check_not_mid_step(self, action):
+        """After the first write of a step, only that step's own calls and advance (or reset) may run."""
+        if self._written and self._step_key is not None and self._step_key[0] == self._version:
+            raise StaleStepError("step", f"advance() of the step already written before {action}",
+                                 "a written step that was not advanced",
+                                 detail="a written step must be advanced (or the cache reset)")
+
+    def _check_same_step(self, step, action):
+        """Mid-step (after a write), only the written step itself may be planned, written, attended or advanced."""
+        if (step.version, tuple(step.seq_ids.tolist()), step.num_tokens) != self._step_key:
+            self._check_not_mid_step(action)
 
     def plan(self, num_tokens=1, seq_ids=None):
         """Plan a step of ``num_tokens`` new tokens for each sequence in ``seq_ids`` (default: every live one).
@@ -720,12 +747,15 @@ class PooledCache(CacheBase):
         cache is not changed. Raises CacheOverflowError past ``max_tokens`` and PoolExhaustedError when the pool is
         short (unless evict="oldest").
         """
-        return self._dry_run(num_tokens, seq_ids)[0]
+        step = self._dry_run(num_tokens, seq_ids)[0]
+        self._check_same_step(step, "planning another step")
+        return step
 
     def write(self, step, layer, k_new, v_new):
         """Write one layer: the step's copy-on-write copies, then its new K and V, each (n_seq, T, kv_heads,
         head_dim) in the cache's dtype."""
         k_store, v_store = self._check_kv(step, layer, k_new, v_new)
+        self._check_same_step(step, "writing another step")
         self._track(step)
         if step.copies.shape[0]:
             self._ops.copy_blocks(self._kv, layer, step.copies)
@@ -777,6 +807,7 @@ class PooledCache(CacheBase):
                     f"position; evicted tokens cannot come back)" if max_length >= 0 else
                     f">= -{length - int(self._books.starts[s])} for sequence {s}", max_length)
             targets[s] = min(target, length)
+        self._check_not_mid_step("crop")
         for s, target in targets.items():
             self._drop_tail(s, target)
         self._bump()

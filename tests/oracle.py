@@ -433,3 +433,446 @@ def assert_two_tier_matches_model(cache, model):
     assert stats["tail_bytes_used"] == sum(tail) * tail_token_bytes
     assert stats["store_bytes_used"] == (sum(held) - sum(tail)) * store_token_bytes
     assert stats["bytes_used"] == stats["tail_bytes_used"] + stats["store_bytes_used"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pooled (paged) cache: a list model of each sequence's tokens plus the pool's books, restated from the documented
+# rules of kvref/pooled.py (FIFO free queue, ref counts, copy-on-write, exact eviction), and gathers that read a
+# sequence's K/V straight out of the raw pool storage with NumPy indexing
+# ---------------------------------------------------------------------------------------------------------------
+def _storage_as_float(kv):
+    """Raw pool storage as NumPy floats: fp16 caches store uint16 bit patterns."""
+    kv = np.asarray(kv)
+    return kv.view(np.float16) if kv.dtype == np.uint16 else kv
+
+
+def gather_pooled(kv, layer, table, first, length, block_size):
+    """K and V, each (Hkv, n, D) float64, of positions ``first .. length - 1`` of one sequence, read from the raw pool
+    ``kv`` (layers, 2, num_blocks, Hkv, B, D) through its block table (held blocks, oldest first): position p is row
+    ``p % B`` of block ``table[p // B - first // B]``."""
+    kv = _storage_as_float(kv)
+    positions = np.arange(first, length)
+    blocks = np.asarray(table, dtype=np.int64)[positions // block_size - first // block_size]
+    rows = positions % block_size
+    out = []
+    for which in (0, 1):
+        picked = kv[layer, which][blocks, :, rows, :]  # advanced indices first: (n, Hkv, D)
+        out.append(np.transpose(picked, (1, 0, 2)).astype(np.float64))
+    return out[0], out[1]
+
+
+def gather_page_table(kv, layer, kv_indptr, kv_indices, kv_last_page_len, i):
+    """K and V (Hkv, n, D) float64 of request i of a FlashInfer page table, the way FlashInfer's tests gather them:
+    every page of the request in order, all rows of the full pages, then the first ``last_page_len`` rows of the
+    last page. Storage (layers, 2, num_pages, Hkv, page_size, D) is FlashInfer's HND layout per layer and K/V."""
+    kv = _storage_as_float(kv)
+    pages = np.asarray(kv_indices)[int(kv_indptr[i]):int(kv_indptr[i + 1])]
+    out = []
+    for which in (0, 1):
+        parts = [kv[layer, which, int(p)] for p in pages[:-1]]  # (Hkv, page_size, D) each
+        parts.append(kv[layer, which, int(pages[-1]), :, :int(kv_last_page_len[i])])
+        out.append(np.concatenate(parts, axis=1).astype(np.float64))
+    return out[0], out[1]
+
+
+class PoolRefused(Exception):
+    """The PooledModel refuses an operation; ``kind`` says why: "overflow" (max_tokens), "exhausted" (no free
+    block), "max_seqs" (no free sequence row), "unknown" (sequence never added), "released" (already released),
+    "range" (a count or crop target outside what the sequence holds). A refused operation changes nothing."""
+
+    def __init__(self, kind):
+        super().__init__(kind)
+        self.kind = kind
+
+
+class _PooledSeq:
+    """One live sequence of a PooledModel: rows[layer] lists (k_row, v_row) of every position 0 .. length - 1 (the
+    evicted ones too, never read), ``first`` = e (positions e .. length - 1 are held), ``table`` its held blocks."""
+
+    def __init__(self, layers):
+        self.rows = [[] for _ in range(layers)]
+        self.length = 0
+        self.first = 0
+        self.table = []
+
+    def copy(self):
+        other = _PooledSeq(0)
+        other.rows = [list(r) for r in self.rows]
+        other.length, other.first, other.table = self.length, self.first, list(self.table)
+        return other
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+class PooledModel:
+    """A list model of a pooled (paged) KV cache.
+
+    Tokens: per live sequence a Python list of (k_row, v_row) per layer, each (Hkv, D) float64, its length L and its
+    first held position e (it holds positions e .. L - 1). Books: each sequence's block table (held blocks, oldest
+    first: ceil(L / B) - e // B of them), a ref count per block and a FIFO free queue (allocation pops the head,
+    a block whose count reaches 0 joins the tail), restated from kvref/pooled.py's docstring:
+
+    - a step of T tokens for ``ids`` (in that order): first every sequence that would hold more than ``max_tokens``
+      drops its oldest tokens, ``e' = L + T - max_tokens`` (``evict="oldest"``; without it the step is refused). Then
+      per sequence: if L % B != 0 and its last block was shared before the step (ref >= 2), a fresh block replaces it
+      (copy-on-write, by every sharer that appends; the old one loses a reference), then one new block per block
+      boundary crossed (logical blocks ceil(L/B) .. ceil((L+T)/B)-1).
+      When no block is free and ``evict="oldest"``, the live sequence listing the most blocks whose oldest block is full
+      and unshared (ties: lowest id) drops that block (e = (e // B + 1) * B) first; otherwise the step is refused;
+    - fork: the child (lowest free row) lists the parent's blocks (ref + 1 each) and copies its tokens;
+    - release / reset / crop: blocks past the kept ones freed last first; eviction frees fully evicted blocks oldest
+      first, never a token more than asked.
+
+    Every refused operation raises :class:`PoolRefused` and leaves the model as it was.
+    """
+
+    def __init__(self, layers, num_blocks, block_size, batch=1, max_seqs=None, max_tokens=None, evict=None,
+                 reclaim_by="listed"):
+        self.layers = layers
+        #: how a reclaim counts a sequence's blocks: "listed" (its table now, blocks this step took included: the
+        #: docstring's "listing the most blocks") or "length" (ceil(L / B) - e // B with L before the step)
+        self.reclaim_by = reclaim_by
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_seqs = batch if max_seqs is None else max_seqs
+        self.max_tokens = num_blocks * block_size if max_tokens is None else max_tokens
+        self.policy = evict  # None or "oldest"
+        self.seqs = {s: _PooledSeq(layers) for s in range(batch)}  # live sequences
+        self.released = set()  # rows released and not re-used since
+        self.refs = [0] * num_blocks
+        self.free = list(range(num_blocks))  # the free queue, head first
+        self.touched = [False] * num_blocks
+        self.freed_before = [False] * num_blocks
+        self.allocations = self.hits = self.reuses = self.high_water = 0
+        self.cow_copies = 0
+        self.evicted_tokens = 0
+        self.reclaims = 0  # blocks reclaimed from a sequence because the pool ran dry
+
+    # --- copies (a step is tried on one and committed only if it fits) ------------------------------------------
+    def copy(self):
+        other = PooledModel.__new__(PooledModel)
+        other.__dict__.update(self.__dict__)
+        other.seqs = {s: q.copy() for s, q in self.seqs.items()}
+        other.released = set(self.released)
+        for name in ("refs", "free", "touched", "freed_before"):
+            setattr(other, name, list(getattr(self, name)))
+        return other
+
+    def _commit(self, other):
+        self.__dict__.update(other.__dict__)
+
+    def books(self):
+        """A snapshot of everything but the token rows (to check that a refused operation changed nothing)."""
+        return (sorted((s, q.length, q.first, tuple(q.table), tuple(len(r) for r in q.rows))
+                       for s, q in self.seqs.items()), sorted(self.released), tuple(self.refs), tuple(self.free),
+                tuple(self.touched), tuple(self.freed_before), self.allocations, self.hits, self.reuses,
+                self.high_water, self.cow_copies, self.evicted_tokens, self.reclaims)
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    def live(self):
+        return sorted(self.seqs)
+
+    def length(self, seq):
+        return self.seqs[seq].length
+
+    def first(self, seq):
+        return self.seqs[seq].first
+
+    def table(self, seq):
+        return list(self.seqs[seq].table)
+
+    def held(self, seq):
+        return self.seqs[seq].length - self.seqs[seq].first
+
+    def blocks_used(self):
+        return self.num_blocks - len(self.free)
+
+    def keys(self, layer, seq, lo=None, hi=None):
+        """(Hkv, n, D) float64 of positions lo .. hi - 1 (default: the held ones, e .. L - 1); None when empty."""
+        return self._stack(layer, seq, 0, lo, hi)
+
+    def values(self, layer, seq, lo=None, hi=None):
+        return self._stack(layer, seq, 1, lo, hi)
+
+    def _stack(self, layer, seq, which, lo, hi):
+        q = self.seqs[seq]
+        lo = q.first if lo is None else lo
+        hi = q.length if hi is None else hi
+        rows = [q.rows[layer][p][which] for p in range(lo, hi)]
+        return np.stack(rows, axis=1) if rows else None
+
+    def slots_filled(self):
+        """Distinct (block, row) pairs holding a token some live sequence holds."""
+        B = self.block_size
+        filled = set()
+        for q in self.seqs.values():
+            for p in range(q.first, q.length):
+                filled.add((q.table[p // B - q.first // B], p % B))
+        return len(filled)
+
+    # --- the pool --------------------------------------------------------------------------------------------
+    def _allocate(self):
+        block = self.free.pop(0)
+        self.refs[block] = 1
+        self.allocations += 1
+        self.hits += int(self.touched[block])
+        self.reuses += int(self.freed_before[block])
+        self.touched[block] = True
+        self.high_water = max(self.high_water, self.blocks_used())
+        return block
+
+    def _free(self, block):
+        assert self.refs[block] >= 1
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free.append(block)
+            self.freed_before[block] = True
+
+    def _evict_to(self, seq, new_first):
+        q = self.seqs[seq]
+        B = self.block_size
+        for _ in range(new_first // B - q.first // B):  # fully evicted blocks, oldest first
+            self._free(q.table.pop(0))
+        self.evicted_tokens += new_first - q.first
+        q.first = new_first
+
+    def _reclaim(self):
+        B = self.block_size
+        victim, most = None, 0
+        for s in self.live():
+            q = self.seqs[s]
+            full = (q.first // B + 1) * B <= q.length
+            held = len(q.table) if self.reclaim_by == "listed" else _ceil_div(q.length, B) - q.first // B
+            if held > most and full and self.refs[q.table[0]] == 1:
+                victim, most = s, held
+        if victim is not None:
+            self._evict_to(victim, (self.seqs[victim].first // B + 1) * B)
+            self.reclaims += 1
+
+    def _take(self):
+        if not self.free and self.policy is not None:
+            self._reclaim()
+        if not self.free:
+            raise PoolRefused("exhausted")
+        return self._allocate()
+
+    def _drop_tail(self, seq, length):
+        q = self.seqs[seq]
+        B = self.block_size
+        keep = max(0, _ceil_div(length, B) - q.first // B)  # 0 when everything goes (length 0, e > 0)
+        for block in reversed(q.table[keep:]):  # last block first
+            self._free(block)
+        del q.table[keep:]
+        for rows in q.rows:
+            del rows[length:]
+        q.length = length
+        if length == 0:
+            q.first = 0
+
+    def _check_live(self, seq):
+        if seq not in self.seqs:
+            raise PoolRefused("released" if seq in self.released else "unknown")
+
+    def _new_row(self):
+        for s in range(self.max_seqs):
+            if s not in self.seqs:
+                return s
+        raise PoolRefused("max_seqs")
+
+    # --- operations ------------------------------------------------------------------------------------------
+    def add(self):
+        seq = self._new_row()
+        self.seqs[seq] = _PooledSeq(self.layers)
+        self.released.discard(seq)
+        return seq
+
+    def fork(self, parent):
+        self._check_live(parent)
+        child = self._new_row()
+        q = self.seqs[parent]
+        for block in q.table:
+            self.refs[block] += 1
+        self.seqs[child] = q.copy()
+        self.released.discard(child)
+        return child
+
+    def release(self, seq):
+        self._check_live(seq)
+        self._drop_tail(seq, 0)
+        del self.seqs[seq]
+        self.released.add(seq)
+
+    def evict(self, seq, num_tokens):
+        """Evict exactly num_tokens oldest held tokens; returns the number of blocks that went back to the pool."""
+        self._check_live(seq)
+        if not 0 <= num_tokens <= self.held(seq):
+            raise PoolRefused("range")
+        free_before = len(self.free)
+        self._evict_to(seq, self.seqs[seq].first + num_tokens)
+        return len(self.free) - free_before
+
+    def crop(self, max_length, seq=None):
+        seqs = self.live() if seq is None else [seq]
+        for s in seqs:
+            self._check_live(s)
+        targets = {}
+        for s in seqs:
+            q = self.seqs[s]
+            target = max_length if max_length >= 0 else q.length + max_length
+            if target < q.first:
+                raise PoolRefused("range")
+            targets[s] = min(target, q.length)
+        for s, target in targets.items():
+            self._drop_tail(s, target)
+
+    def reset(self, seq=None):
+        for s in self.live() if seq is None else [seq]:
+            self._check_live(s)
+            self._drop_tail(s, 0)
+
+    def prewarm(self, num_blocks=None):
+        count = len(self.free) if num_blocks is None else num_blocks
+        if not 0 <= count <= len(self.free):
+            raise PoolRefused("range")
+        warmed = [b for b in self.free[:count] if not self.touched[b]]
+        for b in warmed:
+            self.touched[b] = True
+        return len(warmed)
+
+    def step(self, ids, k, v):
+        """Append T tokens to each sequence of ``ids`` (in that order): k, v (layers, len(ids), T, Hkv, D) as given to
+        the cache. Returns {"copies": [(source, target)], "first": {seq: e after the step}, "positions": {seq: [L..]}}.
+        Raises PoolRefused ("overflow", "exhausted", "unknown", "released") and then changes nothing."""
+        k, v = np.asarray(k), np.asarray(v)
+        T = k.shape[2]
+        new = self.copy()
+        for s in ids:
+            new._check_live(s)
+        B, M = self.block_size, self.max_tokens
+        if T > M:
+            raise PoolRefused("overflow")
+        for s in ids:  # sliding window of max_tokens
+            q = new.seqs[s]
+            if q.length + T - q.first > M:  # at most M held tokens
+                if self.policy is None:
+                    raise PoolRefused("overflow")
+                new._evict_to(s, q.length + T - M)
+        copies = []
+        for s in ids:
+            q = new.seqs[s]
+            if q.length % B and self.refs[q.table[-1]] > 1:  # copy-on-write of a partial last block shared before
+                fresh = new._take()
+                source = q.table[-1]
+                new._free(source)
+                q.table[-1] = fresh
+                copies.append((source, fresh))
+                new.cow_copies += 1
+            for _ in range(_ceil_div(q.length, B), _ceil_div(q.length + T, B)):
+                q.table.append(new._take())
+        positions = {}
+        for i, s in enumerate(ids):
+            q = new.seqs[s]
+            positions[s] = list(range(q.length, q.length + T))
+            for layer in range(self.layers):
+                for t in range(T):
+                    q.rows[layer].append((np.asarray(k[layer, i, t], np.float64),
+                                          np.asarray(v[layer, i, t], np.float64)))
+            q.length += T
+        self._commit(new)
+        return {"copies": copies, "first": {s: self.seqs[s].first for s in ids}, "positions": positions}
+
+    def attention(self, layer, seq, q, positions, scale):
+        """Float64 attention of a committed step's queries q (T, Hq, D) at ``positions``: the query at p sees the
+        sequence's held positions e .. p (e as after the step)."""
+        first = self.seqs[seq].first
+        out = np.zeros(np.asarray(q).shape, np.float64)
+        for t, p in enumerate(positions):
+            out[t] = decode_attention_gqa(q[t], self.keys(layer, seq, first, p + 1),
+                                          self.values(layer, seq, first, p + 1), scale)
+        return out
+
+
+def assert_pooled_matches_model(cache, model):
+    """Everything a pooled cache reports equals ``model`` (a PooledModel): live sequences, lengths, e, block tables,
+    ref counts, the free queue, counters, and every held K/V row (exactly: keys()/values() and a raw gather through
+    the table). Uses only the cache's public methods and properties."""
+    B = cache.block_size
+    assert cache.live_sequences() == model.live()
+    for s in model.live():
+        assert cache.get_seq_length(s) == model.length(s)
+        assert cache.first_position(s) == model.first(s)
+        assert cache.held_positions(s).tolist() == list(range(model.first(s), model.length(s)))
+        table = model.table(s)
+        assert cache.block_table(s).tolist() == table
+        assert len(table) == _ceil_div(model.length(s), B) - model.first(s) // B
+        n = model.held(s)
+        for layer in range(cache.shape.layers):
+            got_k, got_v = cache.keys(layer, s), cache.values(layer, s)
+            assert got_k.dtype == cache.shape.public_dtype
+            assert got_k.shape == got_v.shape == (cache.shape.kv_heads, n, cache.shape.head_dim)
+            if n:
+                assert np.array_equal(got_k.astype(np.float64), model.keys(layer, s)), f"keys seq {s} layer {layer}"
+                assert np.array_equal(got_v.astype(np.float64), model.values(layer, s)), f"values seq {s}"
+                keys, values = gather_pooled(cache.kv, layer, table, model.first(s), model.length(s), B)
+                assert np.array_equal(keys, model.keys(layer, s)) and np.array_equal(values, model.values(layer, s))
+    pool = cache.pool
+    assert pool.ref_counts.tolist() == model.refs
+    assert list(pool.free_queue) == model.free
+    st = cache.stats()
+    assert st["blocks_used"] == model.blocks_used() and st["blocks_free"] == len(model.free)
+    assert (st["allocations"], st["hits"], st["reuses"], st["high_water_blocks"]) == (
+        model.allocations, model.hits, model.reuses, model.high_water)
+    assert st["cow_copies"] == model.cow_copies and st["evicted_tokens"] == model.evicted_tokens
+    assert st["lengths"] == [model.length(s) for s in model.live()]
+    assert st["tokens_held"] == sum(model.held(s) for s in model.live())
+    assert st["slots_filled"] == model.slots_filled()
+    assert st["internal_fragmentation"] == model.blocks_used() * B - model.slots_filled()
+    assert_pooled_stats_consistent(cache)
+
+
+def assert_pooled_stats_consistent(cache):
+    """stats() fields against each other and against the storage actually allocated (computed here)."""
+    st = cache.stats()
+    s = cache.shape
+    block_bytes = cache.block_size * 2 * s.layers * s.kv_heads * s.head_dim * np.dtype(s.public_dtype).itemsize
+    assert st["blocks_used"] + st["blocks_free"] == st["num_blocks"] == cache.num_blocks
+    assert st["bytes_per_block"] == block_bytes
+    assert st["bytes_used"] == st["blocks_used"] * block_bytes
+    assert st["nbytes"] == cache.nbytes == cache.kv.nbytes == cache.num_blocks * block_bytes
+    assert st["allocated_slots"] == st["blocks_used"] * cache.block_size
+    assert st["internal_fragmentation"] == st["allocated_slots"] - st["slots_filled"] >= 0
+    assert st["live_sequences"] == len(cache.live_sequences())
+    assert st["high_water_blocks"] >= st["blocks_used"]
+    assert st["hits"] <= st["allocations"] and st["reuses"] <= st["allocations"]
+
+
+def assert_pool_invariants(cache):
+    """The pool's invariants, from the cache's public block tables alone (no model): every block is either in the
+    free queue exactly once with ref count 0, or has ref count >= 1; each ref count equals the number of table
+    entries listing the block (so the counts are conserved); a block listed by two sequences has ref >= 2; no
+    sequence lists a block twice."""
+    pool = cache.pool
+    refs = np.asarray(pool.ref_counts)
+    queue = list(pool.free_queue)
+    listed = np.zeros(cache.num_blocks, np.int64)
+    owners = [set() for _ in range(cache.num_blocks)]
+    for s in cache.live_sequences():
+        table = cache.block_table(s).tolist()
+        assert len(set(table)) == len(table), f"sequence {s} lists a block twice: {table}"
+        for b in table:
+            assert 0 <= b < cache.num_blocks
+            listed[b] += 1
+            owners[b].add(s)
+    assert len(queue) == len(set(queue)), f"a block is queued twice: {queue}"
+    for b in range(cache.num_blocks):
+        if b in queue:
+            assert refs[b] == 0 and listed[b] == 0, f"free block {b} has ref {refs[b]}, listed {listed[b]} times"
+        else:
+            assert refs[b] >= 1, f"block {b} is neither free nor referenced"
+        assert refs[b] == listed[b], f"block {b}: ref {refs[b]} but listed by {listed[b]} tables"
+        if len(owners[b]) >= 2:
+            assert refs[b] >= 2
+    assert int(refs.sum()) == int(listed.sum())
+    assert pool.num_free == len(queue) and pool.num_used == cache.num_blocks - len(queue)

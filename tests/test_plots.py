@@ -3,7 +3,8 @@ independently, and a backend that fails its check aborts the run before anything
 behind the ring figures is checked against expectations written out here (slot p % W holds p, keys per row of each
 window convention, the keys a write-first ring loses), and the data behind the two-tier figures against the facts
 file's numbers and the tier rules restated here (quantization error per format, llama.cpp's metric, the tiers of
-every position, measured bytes, attention error vs the tail length)."""
+every position, measured bytes, attention error vs the tail length), and the data behind the pooled figures against
+the block rules restated here (ref counts, copy-on-write, the free queue's order, ceil(L / B) blocks per sequence)."""
 
 import html
 import math
@@ -34,7 +35,8 @@ def test_quick_run_writes_every_figure(quick_run):
     assert status == 0
     assert plots.FIGURE_NAMES == ("memory", "cost", "flat_timeline", "layouts", "ring_timeline", "ring_memory",
                                   "window_conventions", "chunked_prefill", "quant_blocks", "quant_error",
-                                  "two_tier_timeline", "two_tier_memory", "two_tier_error")
+                                  "two_tier_timeline", "two_tier_memory", "two_tier_error", "pooled_tables",
+                                  "pooled_memory")
     for name in plots.FIGURE_NAMES:
         for ext in ("png", "svg"):
             path = out / f"{name}.{ext}"
@@ -73,7 +75,7 @@ def test_backend_check_covers_every_variant(quick_run):
     _, out = quick_run
     index = (out / "index.html").read_text()
     for backend in ("python", "cpu"):
-        for variant in ("flat", "ring", "two_tier"):
+        for variant in ("flat", "ring", "two_tier", "pooled"):
             for dtype in ("float32", "float16"):
                 assert f"<td>{backend}</td><td>{variant}</td><td>{dtype}</td>" in index
 
@@ -142,7 +144,8 @@ def test_check_backends_lists_every_variant():
     rows = plots.check_backends(names=["python"])
     assert [(r["variant"], r["dtype"]) for r in rows] == [("flat", "float32"), ("flat", "float16"),
                                                           ("ring", "float32"), ("ring", "float16"),
-                                                          ("two_tier", "float32"), ("two_tier", "float16")]
+                                                          ("two_tier", "float32"), ("two_tier", "float16"),
+                                                          ("pooled", "float32"), ("pooled", "float16")]
     assert all(r["ok"] for r in rows)
 
 
@@ -544,3 +547,104 @@ def test_two_tier_error_figure(error_rows):
     labels = " ".join(line.get_label() for line in tail_ax.lines)
     assert "q8_0 store" in labels and "q4_0 store" in labels and "FlatCache fp16" in labels
     assert "#35185" in " ".join(line.get_label() for line in prefill_ax.lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pooled figures
+# ---------------------------------------------------------------------------------------------------------------
+def test_pooled_backend_check_sees_copy_on_write_reuse_and_eviction(monkeypatch):
+    """The pooled backend check really exercises what it claims: a copy-on-write copy, blocks reused from the free
+    queue and (with evict='oldest') a window that starts mid-block."""
+    import kvref
+
+    seen = []
+    advance = kvref.PooledCache.advance
+
+    def spy(self, step):
+        advance(self, step)
+        stats = self.stats()
+        seen.append((self.evict, stats["cow_copies"], stats["reuses"], stats["evicted_tokens"],
+                     [self.first_position(s) % self.block_size for s in self.live_sequences()]))
+
+    monkeypatch.setattr(kvref.PooledCache, "advance", spy)
+    assert plots.pooled_backend_max_error("python", "float16") < 1e-5
+    plain = [s for s in seen if s[0] is None]
+    evicting = [s for s in seen if s[0] == "oldest"]
+    assert plain[-1][1] >= 1 and plain[-1][2] >= 1 and plain[-1][3] == 0
+    assert evicting[-1][1] >= 1 and evicting[-1][2] >= 1 and evicting[-1][3] > 0
+    assert any(any(offset for offset in s[4]) for s in evicting)  # some sequence starts mid-block
+
+
+def test_pooled_tables_events_follow_the_block_rules():
+    B, N = 4, 8
+    events = plots.pooled_tables_events(num_blocks=N, block_size=B)
+    assert [e["op"] for e in events] == ["new pool", "prefill seq 0: p 0..9", "fork seq 0 -> seq 1",
+                                         "append seq 1: p 10", "append seq 0: p 10..12", "release seq 0"]
+    new, prefill, fork, cow, parent, release = events
+    assert new["free_queue"] == list(range(N)) and new["ref_counts"] == [0] * N
+    # 10 tokens: ceil(10 / 4) = 3 blocks from the free queue's head; block 2 holds p8, p9 and two empty slots
+    assert prefill["tables"] == {0: [0, 1, 2]} and prefill["new_blocks"] == [0, 1, 2]
+    assert [r and r[0] for r in prefill["stored"][2]] == [8, 9, None, None]
+    # fork: the same table, every ref count + 1, nothing copied or taken
+    assert fork["tables"] == {0: [0, 1, 2], 1: [0, 1, 2]} and fork["ref_counts"][:3] == [2, 2, 2]
+    assert fork["new_blocks"] == [] and fork["free_queue"] == prefill["free_queue"]
+    # the child appends into the shared partial block 2: copied to block 3 (the head), written there
+    assert cow["copies"] == [(2, 3)] and cow["tables"][1] == [0, 1, 3] and cow["tables"][0] == [0, 1, 2]
+    assert cow["ref_counts"][:4] == [2, 2, 1, 1]
+    assert [r and r[0] for r in cow["stored"][3]] == [8, 9, 10, None]
+    assert [r and r[1] for r in cow["stored"][3]][:3] == [0, 0, 1]  # p8, p9 written by seq 0, copied
+    # the parent, now sole owner of block 2, writes p10, p11 there; p12 crosses a boundary: one new block
+    assert parent["copies"] == [] and parent["new_blocks"] == [4] and parent["tables"][0] == [0, 1, 2, 4]
+    assert [r[0] for r in parent["stored"][2]] == [8, 9, 10, 11]
+    # release: last block first to the free queue's tail; shared blocks only lose a reference
+    assert release["tables"] == {1: [0, 1, 3]} and release["ref_counts"] == [1, 1, 0, 1, 0, 0, 0, 0]
+    assert release["free_queue"] == [5, 6, 7, 4, 2]
+    assert release["stored"][2][0] == (8, 0) and release["held"][2][0] == []  # stale, not cleared
+
+
+def test_pooled_tables_figure():
+    fig = plots.pooled_tables_figure()
+    assert isinstance(fig, Figure)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "copy-on-write: block 2 -> 3" in texts
+    assert "block 0: ref 2" in texts and "block 2: free #4" in texts
+    assert any("free queue (head first): [5, 6, 7, 4, 2]" in t for t in texts)
+
+
+def test_request_lengths():
+    lengths = plots.request_lengths(n=200, median=256, sigma=1.0, min_len=8, max_len=2048, seed=1)
+    assert lengths == plots.request_lengths(n=200, median=256, sigma=1.0, min_len=8, max_len=2048, seed=1)
+    assert len(lengths) == 200 and min(lengths) >= 8 and max(lengths) <= 2048
+    assert 180 < float(np.median(lengths)) < 340 and np.mean(lengths) > np.median(lengths)  # a long tail
+
+
+def test_pooled_memory_samples_are_measured_and_match_formulas():
+    lengths = [45, 8, 25, 22, 100, 1]
+    samples = plots.pooled_memory_samples(lengths=lengths, block_sizes=(1, 4, 16, 64), detail_block_size=16)
+    small = samples["shape"]
+    per_token = 2 * small.layers * small.kv_heads * small.head_dim * small.element_bytes
+    assert samples["scale"] * per_token == 2 * 32 * 8 * 128 * 2  # Llama-3-8B fp16: 128 KiB per token
+    assert samples["flat_nbytes"] == 6 * 100 * per_token
+    assert samples["held_bytes"] == sum(lengths) * per_token
+    for B, used, blocks, frag in zip((1, 4, 16, 64), samples["bytes_used"], samples["blocks_used"],
+                                     samples["internal_fragmentation"]):
+        assert blocks == sum(math.ceil(n / B) for n in lengths)
+        assert used == blocks * B * per_token
+        assert frag == blocks * B - sum(lengths) and all(math.ceil(n / B) * B - n < B for n in lengths)
+    assert samples["internal_fragmentation"][0] == 0 and samples["bytes_used"][0] == samples["held_bytes"]
+    assert samples["detail"] == {"block_size": 16, "allocated": [48, 16, 32, 32, 112, 16]}
+
+
+def test_pooled_memory_figure():
+    fig = plots.pooled_memory_figure()
+    ax, ax_seq = fig.axes[:2]
+    labels = " ".join(line.get_label() for line in ax.lines)
+    assert "FlatCache sized for the longest" in labels and "PooledCache.stats()['bytes_used']" in labels
+    lengths = plots.request_lengths()
+    per_token = 2 * 32 * 8 * 128 * 2
+    flat = next(line for line in ax.lines if line.get_label().startswith("FlatCache"))
+    assert flat.get_ydata()[0] == len(lengths) * max(lengths) * per_token
+    measured = next(line for line in ax.lines if line.get_label().startswith("measured"))
+    assert list(measured.get_xdata()) == [1, 8, 16, 32, 128]
+    for B, y in zip(measured.get_xdata(), measured.get_ydata()):
+        assert y == sum(math.ceil(n / B) for n in lengths) * B * per_token

@@ -1,4 +1,5 @@
-"""The README's promises: two Quickstart commands, and .ci/run runs the test command verbatim."""
+"""The README's promises: two Quickstart commands, .ci/run runs the test command verbatim, and the pooled cache's
+example runs as it is and prints what its comments say."""
 
 import re
 from pathlib import Path
@@ -24,3 +25,15 @@ def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
     assert ci_lines == [test_command]
+
+
+def test_pooled_example_runs_as_written(capsys):
+    text = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)\n```", text, flags=re.S) if "kvref.PooledCache(" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md (pooled example)", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[0 1] [0 2] 1"  # the child copied the shared partial block; the parent kept the original
+    assert "'kv_indptr': array([0, 2, 4], dtype=int32)" in lines[1]
+    assert "'kv_indices': array([0, 1, 0, 2], dtype=int32)" in lines[1]
+    assert "'kv_last_page_len': array([5, 5], dtype=int32)" in lines[1]

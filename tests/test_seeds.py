@@ -642,3 +642,73 @@ def test_seed004_migration_in_batches_of_any_size(backend, rng):
     # KIVI's per-channel grouping over a batch of one token: a zero range in every channel
     one_token = k[0, 0, :1, 0]  # (1 token, 32 channels)
     assert np.all(one_token.max(axis=0) - one_token.min(axis=0) == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seed 004's PooledKvCache: blocks came from byte size classes, so a block held more than tokens_per_block; and
+# enforce_max_tokens removed a whole block when fewer tokens had to go
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("head_dim", [4, 64])
+def test_seed004_pooled_block_holds_exactly_block_size_tokens(backend, dtype, head_dim):
+    """Seed 004 took each block from a byte size class (a 1 KiB buffer for 2 tokens of 32 bytes), so a block held
+    up to 32 tokens and its own test could only assert 1 <= blocks <= 5. kvref, block_size = 2, the seed's 5 tokens
+    appended one at a time (keys i, values 2i): exactly 3 blocks (2 + 2 + 1) whatever the dtype and the bytes per
+    token; the storage's block dimension is 2; token 4 is row 0 of the third block; the tokens read back in order."""
+    shape = CacheShape(layers=1, q_heads=2, kv_heads=2, head_dim=head_dim, dtype=dtype)
+    cache = kvref.PooledCache(shape, num_blocks=8, block_size=2, backend=backend)
+    for i in range(5):
+        k = np.full((1, 1, 1, 2, head_dim), i, shape.public_dtype)
+        cache.append(k, 2 * k)
+    stats = cache.stats()
+    assert stats["blocks_used"] == 3 and cache.block_table(0).size == 3
+    assert cache.kv.shape == (1, 2, 8, 2, 2, head_dim), "(layers, K|V, blocks, kv_heads, block_size, head_dim)"
+    token_bytes = 2 * 2 * head_dim * (2 if dtype == "float16" else 4)
+    assert stats["bytes_per_block"] == 2 * token_bytes and stats["bytes_used"] == 3 * 2 * token_bytes
+    assert stats["internal_fragmentation"] == 3 * 2 - 5
+    table = cache.block_table(0)
+    per_block = [sum(1 for p in range(5) if table[p // 2] == b) for b in table]
+    assert per_block == [2, 2, 1]
+    raw = cache.kv.view(np.float16) if dtype == "float16" else cache.kv
+    assert np.all(raw[0, 0, table[2], :, 0] == 4) and np.all(raw[0, 1, table[2], :, 0] == 8)
+    keys, values = cache.keys(0), cache.values(0)
+    for i in range(5):
+        assert np.all(keys[:, i] == i) and np.all(values[:, i] == 2 * i)
+
+
+def test_seed004_pooled_eviction_never_removes_more_tokens_than_asked(backend, rng):
+    """Seed 004's enforce_max_tokens removed the whole first block when fewer tokens had to go. kvref evicts exactly
+    the tokens asked: evict_tokens(1) with blocks of 4 drops one token, keeps the block, and the next query still
+    attends to the other 5 (the seed's output, over the last 2 tokens only, differs); with evict="oldest" a step past
+    max_tokens drops exactly L + T - max_tokens tokens."""
+    shape = CacheShape(layers=1, q_heads=2, kv_heads=1, head_dim=8)
+    scale = scale_of(shape)
+    cache = kvref.PooledCache(shape, num_blocks=4, block_size=4, backend=backend)
+    k = rng.standard_normal((1, 1, 7, 1, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 7, 1, 8)).astype(np.float32)
+    cache.append(k[:, :, :6], v[:, :, :6])
+    assert cache.evict_tokens(0, 1) == 0, "a block goes only when all its tokens do"
+    assert cache.first_position(0) == 1 and cache.keys(0).shape[1] == 5
+    assert cache.stats()["blocks_used"] == 2 and cache.stats()["evicted_tokens"] == 1
+    q = rng.standard_normal((1, 1, 2, 8)).astype(np.float32)
+    step = cache.plan(1)
+    cache.write(step, 0, k[0, :, 6:], v[0, :, 6:])
+    out = cache.attend(step, 0, q)[0, 0]
+    keys, values = k[0, 0].transpose(1, 0, 2), v[0, 0].transpose(1, 0, 2)  # (Hkv, 7, D)
+    expected = oracle.decode_attention_gqa(q[0, 0], keys[:, 1:7], values[:, 1:7], scale)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    seed_like = oracle.decode_attention_gqa(q[0, 0], keys[:, 4:7], values[:, 4:7], scale)
+    assert not np.allclose(out, seed_like, atol=1e-3)
+    cache.advance(step)
+    # the sliding window: exactly L + T - max_tokens each time
+    window = kvref.PooledCache(shape, num_blocks=4, block_size=4, max_tokens=5, evict="oldest", backend=backend)
+    window.append(k[:, :, :5], v[:, :, :5])
+    evicted = []
+    for lo, hi in ((5, 6), (6, 7)):
+        before = window.get_seq_length(0)
+        window.append(k[:, :, lo:hi], v[:, :, lo:hi])
+        evicted.append(window.stats()["evicted_tokens"])
+        assert window.first_position(0) == before + (hi - lo) - 5
+    assert evicted == [1, 2]
+    assert window.block_table(0).size == 2, "block 0 still holds positions 2 and 3"
+    assert np.array_equal(window.keys(0), keys[:, 2:7])

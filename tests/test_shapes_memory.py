@@ -1,6 +1,6 @@
 """kvref.shapes and kvref.memory: presets against published config.json values, byte offsets against real NumPy
-strides and addresses, and every memory formula against the ``nbytes`` of a really allocated cache (flat, ring
-and two-tier) and against the bytes a filled two-tier cache reports using."""
+strides and addresses, and every memory formula against the ``nbytes`` of a really allocated cache (flat, ring,
+two-tier and pooled) and against the bytes a filled two-tier or pooled cache reports using."""
 
 import math
 
@@ -415,3 +415,127 @@ def test_two_tier_known_sizes():
     assert memory.store_bytes_per_token(llama, "q4_0") == 36 * 1024
     assert memory.two_tier_bytes(llama, 1, 256, 8192, "q8_0", 64) == 256 * 128 * 1024 + 7999 * 68 * 1024
     assert memory.two_tier_held_bytes(llama, 8192, 256, "q4_0") == 256 * 128 * 1024 + 7936 * 36 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pooled memory formulas against real PooledCache and FlatCache arrays
+# ---------------------------------------------------------------------------------------------------------------
+def fill_pooled(cache, lengths, steps=(None,)):
+    """Append ``lengths[s]`` tokens to sequence s of a PooledCache for real (plan, write every layer, advance), in
+    chunks: each entry of ``steps`` is a chunk size (None: the rest), the last repeated until the length is reached."""
+    shape = cache.shape
+    for seq, length in enumerate(lengths):
+        done, i = 0, 0
+        while done < length:
+            chunk = steps[min(i, len(steps) - 1)]
+            n = length - done if chunk is None else min(chunk, length - done)
+            step = cache.plan(n, [seq])
+            k = np.full((1, n, shape.kv_heads, shape.head_dim), seq + 1, shape.public_dtype)
+            for layer in range(shape.layers):
+                cache.write(step, layer, k, k)
+            cache.advance(step)
+            done, i = done + n, i + 1
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"L{s.layers}q{s.q_heads}kv{s.kv_heads}d{s.head_dim}{s.dtype}")
+@pytest.mark.parametrize("num_blocks, block_size", [(1, 1), (7, 4), (12, 16), (3, 5)])
+def test_pooled_bytes_equal_allocated_nbytes(shape, num_blocks, block_size):
+    """pooled_bytes = a real PooledCache's nbytes = its pool array (layers, 2, num_blocks, kv_heads, B, head_dim);
+    bytes_per_block = B * bytes_per_token, whatever the batch and max_tokens."""
+    for batch, max_tokens in [(1, None), (3, 2)]:
+        cache = kvref.PooledCache(shape, num_blocks=num_blocks, block_size=block_size, batch=batch,
+                                  max_tokens=max_tokens, backend="python")
+        assert memory.pooled_bytes(shape, num_blocks, block_size) == cache.nbytes == cache.kv.nbytes
+        assert cache.kv.shape == (shape.layers, 2, num_blocks, shape.kv_heads, block_size, shape.head_dim)
+        assert memory.pooled_bytes(shape, num_blocks, block_size) == 2 * shape.layers * num_blocks * \
+            shape.kv_heads * block_size * shape.head_dim * shape.element_bytes
+        stats = cache.stats()
+        assert stats["bytes_per_block"] == cache.kv[:, :, 0].nbytes == block_size * memory.bytes_per_token(shape)
+        assert stats["nbytes"] == cache.nbytes and stats["bytes_used"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("block_size", [1, 3, 4, 16, 32])
+@pytest.mark.parametrize("lengths, steps", [([45, 8, 25, 22], (None,)), ([1, 17, 0, 33, 16, 5], (7, 1)),
+                                            ([64, 63, 65], (16, 3, 1))])
+def test_pooled_used_bytes_equal_stats_after_appending(dtype, block_size, lengths, steps):
+    """Tokens of mixed lengths really appended (prefills, chunks, decode steps): blocks_used = blocks_needed,
+    bytes_used = pooled_used_bytes and internal_fragmentation = the formula, after the last step; and against a
+    FlatCache sized for the longest sequence, both sides are slots * bytes_per_token."""
+    shape = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8, dtype=dtype)
+    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.element_bytes
+    needed = sum(math.ceil(n / block_size) for n in lengths)  # written out here, not from memory
+    cache = kvref.PooledCache(shape, num_blocks=needed + 2, block_size=block_size, batch=len(lengths),
+                              backend="python")
+    fill_pooled(cache, lengths, steps)
+    stats = cache.stats()
+    assert stats["lengths"] == lengths and stats["tokens_held"] == sum(lengths)
+    assert stats["blocks_used"] == memory.blocks_needed(lengths, block_size) == needed
+    assert stats["blocks_free"] == 2 and stats["allocations"] == needed
+    assert stats["bytes_used"] == memory.pooled_used_bytes(shape, lengths, block_size) == \
+        needed * block_size * per_token
+    waste = sum(math.ceil(n / block_size) * block_size - n for n in lengths)
+    assert stats["internal_fragmentation"] == memory.internal_fragmentation(lengths, block_size) == waste
+    assert all(math.ceil(n / block_size) * block_size - n < block_size for n in lengths)
+    assert stats["allocated_slots"] == stats["slots_filled"] + waste
+    assert stats["bytes_used"] == (sum(lengths) + waste) * memory.bytes_per_token(shape)
+    assert cache.nbytes == memory.pooled_bytes(shape, needed + 2, block_size)
+    # the flat cache a batch of these lengths needs: every sequence gets max(L) slots
+    flat = kvref.FlatCache(shape, batch=len(lengths), max_tokens=max(lengths), backend="python")
+    assert flat.nbytes == memory.cache_bytes(shape, len(lengths), max(lengths)) == \
+        len(lengths) * max(lengths) * per_token
+    assert flat.nbytes - stats["bytes_used"] == \
+        (len(lengths) * max(lengths) - sum(lengths) - waste) * per_token
+    if block_size == 1:
+        assert stats["internal_fragmentation"] == 0 and stats["bytes_used"] == sum(lengths) * per_token
+
+
+def test_pooled_sharing_uses_fewer_blocks_than_blocks_needed():
+    """blocks_needed counts no sharing: a fork lists its parent's blocks without taking any until copy-on-write."""
+    shape = CacheShape(layers=1, q_heads=2, kv_heads=1, head_dim=4, dtype="float32")
+    cache = kvref.PooledCache(shape, num_blocks=8, block_size=4, max_seqs=2, backend="python")
+    fill_pooled(cache, [10])
+    child = cache.fork(0)
+    stats = cache.stats()
+    assert stats["lengths"] == [10, 10] and memory.blocks_needed(stats["lengths"], 4) == 6
+    assert stats["blocks_used"] == 3 and stats["bytes_used"] == memory.pooled_used_bytes(shape, [10], 4)
+    assert stats["internal_fragmentation"] == memory.internal_fragmentation([10], 4) == 2  # shared slots once
+    step = cache.plan(1, [child])  # appends into the shared, partially filled last block: copy it first
+    cache.write(step, 0, np.ones((1, 1, 1, 4), np.float32), np.ones((1, 1, 1, 4), np.float32))
+    cache.advance(step)
+    stats = cache.stats()
+    assert stats["cow_copies"] == 1 and stats["blocks_used"] == 4
+    assert stats["bytes_used"] == memory.pooled_used_bytes(shape, [10], 4) + stats["bytes_per_block"]
+
+
+def test_pooled_known_sizes():
+    """Numbers worked out by hand: Llama-3-8B fp16 takes 128 KiB per token, so a block of vLLM's default 16 tokens
+    is 2 MiB; FlashInfer's example batch (lengths 45, 8, 25, 22, page_size 16) takes 3 + 1 + 2 + 2 = 8 pages with
+    3 + 8 + 7 + 10 = 28 empty slots."""
+    llama = kvref.preset("llama-3-8b")
+    assert memory.pooled_bytes(llama, 1, 16) == 2 * memory.MIB
+    assert memory.pooled_bytes(llama, 4096, 16) == 8 * memory.GIB
+    assert memory.blocks_needed([45, 8, 25, 22], 16) == 8
+    assert memory.internal_fragmentation([45, 8, 25, 22], 16) == 28
+    assert memory.pooled_used_bytes(llama, [45, 8, 25, 22], 16) == 16 * memory.MIB
+    assert memory.blocks_needed([], 16) == 0 and memory.blocks_needed([0, 0], 4) == 0
+    assert memory.internal_fragmentation([0, 16, 32], 16) == 0
+    # flat for the longest: 4 * 45 slots; pooled: 128 slots = 100 held + 28 empty
+    assert memory.cache_bytes(llama, 4, 45) - memory.pooled_used_bytes(llama, [45, 8, 25, 22], 16) == \
+        (4 * 45 - 128) * 128 * 1024
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda s: memory.pooled_bytes(s, 0, 16), "num_blocks"),
+    (lambda s: memory.pooled_bytes(s, 4, 0), "block_size"),
+    (lambda s: memory.blocks_needed([3, 4], 0), "block_size"),
+    (lambda s: memory.blocks_needed([3, -1], 4), "lengths"),
+    (lambda s: memory.blocks_needed([3, 2.5], 4), "lengths"),
+    (lambda s: memory.pooled_used_bytes(s, [3, 4], 1.0), "block_size"),
+    (lambda s: memory.internal_fragmentation([True], 4), "lengths"),
+])
+def test_pooled_memory_rejects_bad_sizes(call, argument):
+    s = CacheShape(layers=2, q_heads=4, kv_heads=2, head_dim=8)
+    with pytest.raises(ShapeError) as info:
+        call(s)
+    assert info.value.argument == argument

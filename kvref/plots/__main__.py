@@ -1,8 +1,8 @@
 """``python -m kvref.plots [--quick] [--out DIR]``: check the backends, then write every figure and an index.html.
 
 1. Every available backend ("python", "cpu", and "cuda" where kvref.backends() says it can run) is compared with a
-   float64 NumPy reference on a small case, for the flat, the ring and the two-tier cache; the run aborts with exit
-   status 1 if any error exceeds its tolerance, before anything is timed.
+   float64 NumPy reference on a small case, for the flat, the ring, the two-tier and the pooled cache; the run aborts
+   with exit status 1 if any error exceeds its tolerance, before anything is timed.
 2. Each figure of :mod:`kvref.plots` is built and written as PNG and SVG, one progress line per figure.
 3. ``DIR/index.html`` shows the figures, the memory tables, the quantization-error table, the backend check, the
    timings and the machine.
@@ -18,8 +18,9 @@ import time
 from .. import memory
 from . import (FIGURE_CAPTIONS, FIGURE_NAMES, LLAMA_CPP_TOTAL_ERROR, check_backends, chunked_prefill_figure,
                cost_figure, flat_timeline_figure, format_bytes, generation_counts, layouts_figure,
-               measure_decode_times, memory_figure, memory_rows, quant_blocks_figure, quant_error_figure,
-               quant_error_rows, ring_memory_figure, ring_timeline_figure, save, tinyllama_row,
+               measure_decode_times, memory_figure, memory_rows, pooled_memory_figure, pooled_tables_figure,
+               quant_blocks_figure, quant_error_figure, quant_error_rows, ring_memory_figure, ring_timeline_figure,
+               save, tinyllama_row,
                two_tier_error_figure, two_tier_memory_figure, two_tier_timeline_figure, window_conventions_figure)
 
 TABLE_CONTEXTS = (2048, 4096, 8192, 32768)
@@ -128,7 +129,7 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick, q
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;"
         "border:1px solid #eee}.fail{color:#c00;font-weight:bold}.ok{color:#080}</style></head><body>",
-        "<h1>kvref: figures of the flat, ring and two-tier caches</h1>",
+        "<h1>kvref: figures of the flat, ring, two-tier and pooled caches</h1>",
         f"<p>Written by <code>python -m kvref.plots{' --quick' if quick else ''}</code> in {total_s:.1f} s. "
         "Every figure is built by a function of <code>kvref.plots</code>, the same one the notebooks call.</p>",
     ]
@@ -141,7 +142,12 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick, q
                  "and a chunk longer than the ring. <b>two_tier</b>: a TwoTierCache (R = 6, B = 3, M = 12) in each "
                  "store format against the same rule with W = M over the values the tiers hold before the step: "
                  "positions below m through a quantize / dequantize round trip of the value fed, the rest as fed; "
-                 "over a prefill longer than R, decode steps that migrate, and a chunk longer than M.</p>")
+                 "over a prefill longer than R, decode steps that migrate, and a chunk longer than M. <b>pooled</b>: "
+                 "a PooledCache of 8 blocks of B = 4 tokens and three sequences against plain causal attention over "
+                 "every K/V row fed to each sequence (a fork inherits its parent's), over a prefill that ends "
+                 "mid-block, a fork whose next step copies the shared block (copy-on-write), chunks across block "
+                 "boundaries, a release and a new sequence on reused blocks; then the same with evict='oldest' and "
+                 "max_tokens = 7 (keys from e' = max(0, L + T - 7), a window that starts mid-block).</p>")
     rows = []
     for r in checks:
         if r["ok"] is None:
@@ -289,6 +295,8 @@ def main(argv=None):
     figure("two_tier_timeline", two_tier_timeline_figure)
     figure("two_tier_memory", two_tier_memory_figure)
     figure("two_tier_error", two_tier_error_figure)
+    figure("pooled_tables", pooled_tables_figure)
+    figure("pooled_memory", pooled_memory_figure)
     assert tuple(built) == FIGURE_NAMES
 
     total = time.perf_counter() - start
