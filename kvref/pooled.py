@@ -67,7 +67,7 @@ never read. Seed 004 removed a whole block when fewer tokens had to go, so it ev
 - a sequence that would hold more than ``max_tokens`` tokens drops exactly the excess, ``e' = L + T - max_tokens``:
   it keeps a sliding window of ``max_tokens`` tokens (without eviction that step raises :class:`CacheOverflowError`;
   ``max_tokens`` always bounds the tokens *held*, ``L - e``, so tokens dropped with ``evict_tokens`` make room);
-- when the pool runs dry, the sequence holding the most blocks (ties: the lowest id) drops its oldest block, provided
+- when the pool runs dry, the sequence listing the most blocks (ties: the lowest id) drops its oldest block, provided
   that block is full and no other sequence lists it (dropping a shared block would free nothing): exactly that
   block's held tokens, ``e' = (first + 1) * B``. Repeated until the step fits, else :class:`PoolExhaustedError`.
 
