@@ -59,11 +59,7 @@ def _copy_kernel_body(kv, layer, copies):
 
 def _write_kernel_body(kv, layer, slots, k_new, v_new):
     """Block (i * T + t, h) writes head h of new token t of step-sequence i; thread d writes element d."""
-    n_tokens = slots.shape[1]
-    row = cuda.blockIdx.x
-    i = row // n_tokens
-    t = row % n_tokens
-    h = cuda.blockIdx.y
+    i, t, h = work_item(cuda.blockIdx.x * cuda.gridDim.y + cuda.blockIdx.y, slots.shape[1], cuda.gridDim.y)
     for d in range(cuda.threadIdx.x, k_new.shape[3], cuda.blockDim.x):
         pooled.write_one(kv, layer, slots, k_new, v_new, i, t, h, d)
 
