@@ -96,7 +96,7 @@ from collections import deque
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import WORK_COLUMNS, attend_rows, softmax_finish, softmax_start
+from .attention import WORK_COLUMNS, accumulate_rows, score_tile, softmax_finish, softmax_start, softmax_weights
 from .cache import CacheBase, Step, freeze
 from .errors import (CacheOverflowError, DoubleFreeError, IndexOutOfRangeError, PageTableError, PoolExhaustedError,
                      ShapeError, StaleStepError, UnknownSequenceError)
@@ -107,8 +107,6 @@ __all__ = ["BlockPool", "Books", "PooledCache", "attend_one", "attend_tokens", "
 
 #: evict= values: None (exhaustion and overflow raise) or "oldest" (drop a sequence's oldest tokens, see above)
 EVICTION_POLICIES = (None, "oldest")
-#: KV heads per pass over a sequence's blocks in attend_tokens
-HEADS_PER_PASS = 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,9 +183,12 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 
 
     The query at position p sees positions ``starts[i] .. p``. They are read block by block: from position p0, block
     ``block_of(tables[i], starts[i], p0, B)`` holds the next ``n = min(B - p0 % B, p + 1 - p0)`` positions in
-    consecutive rows ``p0 % B ..``; each head folds them into its own online softmax like a flat cache's rows
-    (``attend_rows``). The loop over blocks is outside the loop over heads: a block's rows of consecutive heads are
-    consecutive in the pool, so each block is read front to back once, and the blocks can lie anywhere in the pool.
+    consecutive rows ``p0 % B ..``. Each head folds them into its own online softmax, as one tile of the flat
+    cache's (``attend_rows`` split in its two halves): the scores of the n keys and the softmax update, then the n
+    values. The loop over blocks is outside the loop over heads, and the keys of all heads come before the values:
+    a block's K rows of consecutive heads are consecutive in the pool (so are its V rows), so each block is read as
+    two front-to-back sweeps, wherever it lies in the pool. (One head at a time would read 16 rows and jump, which
+    on a CPU costs about 2x; see BENCHMARKS.md.)
 
     work: (end_head - first_head, G, WORK_COLUMNS) float32 scratch, one online softmax per KV head.
     """
@@ -201,10 +202,14 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 
         block = block_of(tables[i], starts[i], position, block_size)
         offset = position % block_size
         n = min(block_size - offset, end - position)
-        for h in range(first_head, end_head):
-            attend_rows(q[i, t, h * group:(h + 1) * group], kv[layer, 0, block, h, offset:],
-                        kv[layer, 1, block, h, offset:], n, scale, out[i, t, h * group:(h + 1) * group],
-                        work[h - first_head])
+        for h in range(first_head, end_head):  # the block's keys, head after head: one sweep over K
+            out_heads = out[i, t, h * group:(h + 1) * group]
+            score_tile(q[i, t, h * group:(h + 1) * group], kv[layer, 0, block, h, offset:], n, scale,
+                       work[h - first_head])
+            softmax_weights(n, out_heads, work[h - first_head])
+        for h in range(first_head, end_head):  # then its values: one sweep over V
+            accumulate_rows(kv[layer, 1, block, h, offset:], n, out[i, t, h * group:(h + 1) * group],
+                            work[h - first_head])
         position += n
     for h in range(first_head, end_head):
         softmax_finish(out[i, t, h * group:(h + 1) * group], work[h - first_head])
@@ -223,9 +228,7 @@ def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
     work = np.empty((kv_heads, q_heads // kv_heads, WORK_COLUMNS), np.float32)
     for i in range(n_seq):
         for t in range(n_tokens):
-            for first in range(0, kv_heads, HEADS_PER_PASS):
-                attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, first,
-                           min(kv_heads, first + HEADS_PER_PASS))
+            attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 0, kv_heads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
