@@ -96,7 +96,7 @@ from collections import deque
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import WORK_COLUMNS, accumulate_rows, score_tile, softmax_finish, softmax_start, softmax_weights
+from .attention import TILE, WORK_COLUMNS, accumulate_rows, score_tile, softmax_finish, softmax_start, softmax_weights
 from .cache import CacheBase, Step, freeze
 from .errors import (CacheOverflowError, DoubleFreeError, IndexOutOfRangeError, PageTableError, PoolExhaustedError,
                      ShapeError, StaleStepError, UnknownSequenceError)
@@ -182,7 +182,7 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 
     query heads each (GQA: query heads h*G .. h*G+G-1 share KV head h).
 
     The query at position p sees positions ``starts[i] .. p``. They are read block by block: from position p0, block
-    ``block_of(tables[i], starts[i], p0, B)`` holds the next ``n = min(B - p0 % B, p + 1 - p0)`` positions in
+    ``block_of(tables[i], starts[i], p0, B)`` holds the next ``n = min(B - p0 % B, p + 1 - p0, TILE)`` positions in
     consecutive rows ``p0 % B ..``. Each head folds them into its own online softmax, as one tile of the flat
     cache's (``attend_rows`` split in its two halves): the scores of the n keys and the softmax update, then the n
     values. The loop over blocks is outside the loop over heads, and the keys of all heads come before the values:
@@ -201,7 +201,7 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 
     while position < end:
         block = block_of(tables[i], starts[i], position, block_size)
         offset = position % block_size
-        n = min(block_size - offset, end - position)
+        n = min(block_size - offset, end - position, TILE)  # a block longer than a tile takes several turns
         for h in range(first_head, end_head):  # the block's keys, head after head: one sweep over K
             out_heads = out[i, t, h * group:(h + 1) * group]
             score_tile(q[i, t, h * group:(h + 1) * group], kv[layer, 0, block, h, offset:], n, scale,

@@ -144,6 +144,23 @@ def test_prefill_then_decode_matches_oracle(backend, dtype, heads):
     assert sorted(sum(tables, [])) == sorted(set(sum(tables, []))), "no block is listed twice without a fork"
 
 
+@pytest.mark.parametrize("block_size", [32, 48, 80])
+def test_blocks_longer_than_a_tile(backend, block_size):
+    """Blocks of a tile (32 rows) or more: attention folds a block in turns of at most a tile, from any offset (a
+    block longer than a tile once overran the softmax scratch: memory corruption in compiled code). Chunks start
+    mid-block, and with eviction the held window starts mid-block too."""
+    for evict in (None, "oldest"):
+        run = Run(backend, seed=block_size, head_dim=8, num_blocks=10, block_size=block_size, batch=2,
+                  max_tokens=3 * block_size - 5 if evict else None, evict=evict)
+        run.step(block_size + 7)
+        run.step(2 * block_size - 9, [1])
+        for _ in range(2):
+            run.step(1)
+        run.step(block_size, [0, 1])
+        if evict:
+            assert run.cache.first_position(1) % block_size != 0, "the window starts mid-block"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_paged_equals_flat_cache(backend, dtype, rng):
     """A PooledCache and a FlatCache fed the same tokens give the same attention outputs (float32 rounding only:

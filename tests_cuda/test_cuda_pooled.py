@@ -59,12 +59,13 @@ def _gather(kv_host, layer, table, start, first, last, public_dtype):
     """The page-table walk, written independently: position p -> block table[p // B - start // B], row p % B.
     kv_host: (layers, 2, num_blocks, kv_heads, B, D) storage as NumPy. Returns K, V (kv_heads, n, D)."""
     storage = kv_host.view(public_dtype)
+    size = storage.shape[4]  # the block size B
     k, v = [], []
     for p in range(first, last + 1):
-        block = int(table[p // B - start // B])
+        block = int(table[p // size - start // size])
         assert block >= 0, f"position {p} maps to no block"
-        k.append(storage[layer, 0, block, :, p % B])
-        v.append(storage[layer, 1, block, :, p % B])
+        k.append(storage[layer, 0, block, :, p % size])
+        v.append(storage[layer, 1, block, :, p % size])
     return np.stack(k, axis=1), np.stack(v, axis=1)
 
 
@@ -161,6 +162,14 @@ def test_prefill_and_decode_match_spec_and_oracle(rng, dtype, q_heads, kv_heads)
     assert copies == [0, 0, 0, 0]
     assert dev.lengths.tolist() == [11, 6]
     assert len(dev.block_table(0)) == 3
+
+
+def test_blocks_longer_than_a_tile(rng):
+    """A block of 40 rows (more than a 32-row tile) is folded in turns of at most a tile, from mid-block offsets."""
+    spec, dev = _pair("float32", num_blocks=3, block_size=40, batch=1)
+    model = _Model()
+    _run(spec, dev, model, rng, [(35, [0]), (20, [0]), (1, [0])])
+    assert dev.lengths.tolist()[:1] == [56]
 
 
 @pytest.mark.parametrize("dtype,strided", [("float32", False), ("float16", True)], ids=["fp32", "fp16-strided"])
