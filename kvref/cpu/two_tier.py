@@ -12,6 +12,7 @@ from numba import prange
 from .. import two_tier
 from ..attention import WORK_COLUMNS
 from ..flat import work_item
+from ..quant import BLOCK
 from . import ATTENTION_FASTMATH, compile_spec
 from .flat import PARALLEL_MIN_ROWS
 
