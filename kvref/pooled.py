@@ -103,7 +103,7 @@ from .errors import (CacheOverflowError, DoubleFreeError, IndexOutOfRangeError, 
 from .shapes import buffer_dims, check_index, check_positive_int
 
 __all__ = ["BlockPool", "Books", "PooledCache", "attend_one", "attend_tokens", "block_of", "copy_blocks", "copy_one",
-           "pooled_slot", "validate_page_table", "write_one", "write_tokens"]
+           "pooled_slot", "run_of", "validate_page_table", "write_one", "write_tokens"]
 
 #: evict= values: None (exhaustion and overflow raise) or "oldest" (drop a sequence's oldest tokens, see above)
 EVICTION_POLICIES = (None, "oldest")
@@ -176,19 +176,29 @@ def write_tokens(kv, layer, slots, k_new, v_new):
                     write_one(kv, layer, slots, k_new, v_new, i, t, h, d)
 
 
+@register_jitable(forceinline=True)
+def run_of(table_row, start, position, end, block_size):
+    """The rows that hold positions ``position ..`` up to a block edge or ``end``: ``(block, offset, n)`` with
+    ``offset = p % B`` and ``n = min(B - offset, end - p)``; they are rows offset .. offset + n - 1 of the block."""
+    offset = position % block_size
+    return block_of(table_row, start, position, block_size), offset, min(block_size - offset, end - position)
+
+
 @register_jitable
 def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, first_head, end_head):
     """Paged attention of new token t of step-sequence i, for KV heads ``first_head .. end_head - 1`` and their G
     query heads each (GQA: query heads h*G .. h*G+G-1 share KV head h).
 
-    The query at position p sees positions ``starts[i] .. p``. They are read block by block: from position p0, block
-    ``block_of(tables[i], starts[i], p0, B)`` holds the next ``n = min(B - p0 % B, p + 1 - p0, TILE)`` positions in
-    consecutive rows ``p0 % B ..``. Each head folds them into its own online softmax, as one tile of the flat
-    cache's (``attend_rows`` split in its two halves): the scores of the n keys and the softmax update, then the n
-    values. The loop over blocks is outside the loop over heads, and the keys of all heads come before the values:
-    a block's K rows of consecutive heads are consecutive in the pool (so are its V rows), so each block is read as
-    two front-to-back sweeps, wherever it lies in the pool. (One head at a time would read 16 rows and jump, which
-    on a CPU costs about 2x; see BENCHMARKS.md.)
+    The query at position p sees positions ``starts[i] .. p``, taken a tile (``TILE`` positions) at a time, as in
+    the flat cache; a tile may span several blocks, each holding a run of consecutive rows (:func:`run_of`). For
+    each head, the scores of the tile's keys are written run by run into the tile's columns of its scratch, the
+    online softmax takes the tile (``softmax_weights``), and then the values are added run by run
+    (``accumulate_rows``): the flat cache's ``attend_rows``, with the rows fetched through the block table.
+
+    Loop order: tiles outside, heads inside, and the keys of every head before the values. A block's K rows of
+    consecutive heads are consecutive in the pool (so are its V rows), so each tile is read as a sweep over K and a
+    sweep over V, wherever its blocks lie. (Head by head, a pool of 16-token blocks is read 8 KiB at a time with a
+    jump in between, which costs a CPU 2-3x; see BENCHMARKS.md.)
 
     work: (end_head - first_head, G, WORK_COLUMNS) float32 scratch, one online softmax per KV head.
     """
@@ -199,18 +209,23 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 
     position = starts[i]
     end = positions[i, t] + 1
     while position < end:
-        block = block_of(tables[i], starts[i], position, block_size)
-        offset = position % block_size
-        n = min(block_size - offset, end - position, TILE)  # a block longer than a tile takes several turns
-        for h in range(first_head, end_head):  # the block's keys, head after head: one sweep over K
-            out_heads = out[i, t, h * group:(h + 1) * group]
-            score_tile(q[i, t, h * group:(h + 1) * group], kv[layer, 0, block, h, offset:], n, scale,
-                       work[h - first_head])
-            softmax_weights(n, out_heads, work[h - first_head])
-        for h in range(first_head, end_head):  # then its values: one sweep over V
-            accumulate_rows(kv[layer, 1, block, h, offset:], n, out[i, t, h * group:(h + 1) * group],
-                            work[h - first_head])
-        position += n
+        tile_end = min(end, position + TILE)
+        for h in range(first_head, end_head):  # the tile's keys, head after head: a sweep over K
+            p = position
+            while p < tile_end:
+                block, offset, n = run_of(tables[i], starts[i], p, tile_end, block_size)
+                score_tile(q[i, t, h * group:(h + 1) * group], kv[layer, 0, block, h, offset:], n, scale,
+                           work[h - first_head, :, p - position:])  # scores go to the tile's columns p - position ..
+                p += n
+            softmax_weights(tile_end - position, out[i, t, h * group:(h + 1) * group], work[h - first_head])
+        for h in range(first_head, end_head):  # then the tile's values: a sweep over V
+            p = position
+            while p < tile_end:
+                block, offset, n = run_of(tables[i], starts[i], p, tile_end, block_size)
+                accumulate_rows(kv[layer, 1, block, h, offset:], n, out[i, t, h * group:(h + 1) * group],
+                                work[h - first_head, :, p - position:])
+                p += n
+        position = tile_end
     for h in range(first_head, end_head):
         softmax_finish(out[i, t, h * group:(h + 1) * group], work[h - first_head])
 
