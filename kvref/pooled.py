@@ -47,7 +47,7 @@ least recently freed block is reused first). The invariants, checked by the test
    ``advance(step)``, or ``reset()``, which empties every sequence. (Engines work this way: a forward pass, once
    started, is finished.)
 3. **attend** (per layer, compiled): the query at position p of sequence s sees its held positions ``e[s] .. p``,
-   read block by block through the step's tables (:func:`attend_one`); each block is a contiguous run of rows.
+   read through the step's tables a tile at a time, each block a contiguous run of rows (:func:`attend_one`).
 4. **advance** (host) commits the dry run. Every layer must have been written (a copy-on-write happens per layer).
 
 **Fork** (parallel sampling, beam search): the child gets a copy of the parent's table, and each listed block's ref
