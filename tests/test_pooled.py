@@ -605,9 +605,10 @@ def test_abandoned_step_after_crop_keeps_the_longer_sharer_intact():
     run.fork(0)
     run.crop(2, seq=1)  # both still list block 0: seq 0 holds 3 rows, seq 1 two
     run.check()
-    step = run.cache.plan(1, [0, 1])  # seq 0 copies, seq 1 then writes its position 2 into block 0 in place
+    step = run.cache.plan(1, [0, 1])  # block 0 was shared before the step: both sharers copy, neither writes into it
+    assert step.copies[:, 0].tolist() == [0, 0]
     junk = np.full((2, 1, 2, 8), 50, np.float32)
-    run.cache.write(step, 0, junk, junk)  # abandoned: never advanced
+    run.cache.write(step, 0, junk, junk)  # not advanced: seq 0's rows in block 0 must be intact
     run.check()
 
 
