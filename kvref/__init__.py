@@ -12,21 +12,24 @@ with ``numba.njit`` (``kvref.cpu``) and called from ``numba.cuda`` kernels (``kv
 from . import memory, quant, shapes, toy
 from .attention import default_scale, visible
 from .backends import backends
-from .errors import (BackendUnavailableError, CacheOverflowError, DTypeError, IndexOutOfRangeError, KVCacheError,
-                     NonFiniteError, DoubleFreeError, PageTableError, PoolExhaustedError, ShapeError,
-                     StaleStepError, UnknownSequenceError)
+from .errors import (AllocationError, BackendUnavailableError, CacheOverflowError, DoubleFreeError, DTypeError,
+                     IndexOutOfRangeError, InvalidValueError, KVCacheError, NonFiniteError, PageTableError,
+                     PoolExhaustedError, ShapeError, StaleStepError, UnknownSequenceError)
 from .cache import Step
-from .flat import FlatCache
-from .pooled import BlockPool, PooledCache, validate_page_table
-from .ring import RingCache
-from .two_tier import TwoTierCache
+from .flat import FlatCache, FlatStep
+from .pool import BlockPool
+from .page_table import validate_page_table
+from .pooled import PooledCache, PooledStep
+from .ring import RingCache, RingStep
+from .two_tier import TwoTierCache, TwoTierStep
 from .shapes import PRESETS, CacheShape, preset
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "BlockPool", "CacheOverflowError", "DoubleFreeError", "PageTableError",
-    "PoolExhaustedError", "PooledCache", "UnknownSequenceError", "validate_page_table", "CacheShape", "DTypeError", "FlatCache", "IndexOutOfRangeError",
-    "KVCacheError", "NonFiniteError", "PRESETS", "ShapeError", "StaleStepError", "Step", "backends", "default_scale", "memory",
-    "RingCache", "TwoTierCache", "preset", "quant", "shapes", "toy", "visible",
+    "AllocationError", "BackendUnavailableError", "BlockPool", "CacheOverflowError", "CacheShape", "DTypeError",
+    "DoubleFreeError", "FlatCache", "FlatStep", "IndexOutOfRangeError", "InvalidValueError", "KVCacheError",
+    "NonFiniteError", "PRESETS", "PageTableError", "PoolExhaustedError", "PooledCache", "PooledStep", "RingCache",
+    "RingStep", "ShapeError", "StaleStepError", "Step", "TwoTierCache", "TwoTierStep", "UnknownSequenceError",
+    "backends", "default_scale", "memory", "preset", "quant", "shapes", "toy", "validate_page_table", "visible",
 ]

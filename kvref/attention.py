@@ -217,21 +217,6 @@ def attend_slots(q, keys, values, key_positions, end, query_position, window, si
 
 
 @register_jitable(forceinline=True)
-def dequantize_row(row, fmt, scratch):
-    """Decode one quantized row (ggml blocks, ``kvref/quant.py``) into ``scratch[:head_dim]``, block by block:
-    ``x~_j = d * c_j (+ m)`` (``scratch[head_dim:head_dim + 32]`` holds one block's codes). Attention decodes one row
-    at a time into this scratch, which stays in L1: there is never a float copy of the store. (It returns nothing:
-    CUDA device functions cannot return a view.)"""
-    block_bytes = quant.layout(fmt)[3]
-    D = scratch.shape[0] - quant.BLOCK
-    out = scratch[:D]
-    codes = scratch[D:]
-    for b in range(D // quant.BLOCK):
-        quant.dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt,
-                               out[b * quant.BLOCK:(b + 1) * quant.BLOCK], codes)
-
-
-@register_jitable(forceinline=True)
 def score_quantized_tile(q, k_tile, n, fmt, scale, work, scratch):
     """Scores of a tile of n quantized key rows for the G query heads: each row is decoded once (into ``scratch``,
     head_dim + 32 floats) and used for all G heads (GQA), as :func:`score_tile` widens an fp16 row."""
@@ -239,7 +224,7 @@ def score_quantized_tile(q, k_tile, n, fmt, scale, work, scratch):
     D = q.shape[1]
     row = scratch[:D]
     for j in range(n):
-        dequantize_row(k_tile[j], fmt, scratch)
+        quant.dequantize_row(k_tile[j], fmt, scratch)
         for g in range(G):
             q_row = q[g]
             s = np.float32(0.0)
@@ -255,7 +240,7 @@ def accumulate_quantized_rows(v_tile, n, fmt, out, work, scratch):
     D = out.shape[1]
     row = scratch[:D]
     for j in range(n):
-        dequantize_row(v_tile[j], fmt, scratch)
+        quant.dequantize_row(v_tile[j], fmt, scratch)
         for g in range(G):
             p = work[g, j]
             acc_row = out[g]
@@ -298,6 +283,38 @@ def attend_group(q, keys, values, n_keys, scale, out, work):
     softmax_start(out, work)
     attend_rows(q, keys, values, n_keys, scale, out, work)
     softmax_finish(out, work)
+
+
+@register_jitable
+def ring_run(lo, hi, capacity):
+    """Position range [lo, hi) of a ring of ``capacity`` slots (slot p % capacity) as at most two runs of slots:
+    returns (start, n_first, n_second): slots start .. start+n_first-1, then 0 .. n_second-1."""
+    start = lo % capacity
+    n_first = min(hi - lo, capacity - start)
+    return start, n_first, hi - lo - n_first
+
+
+@register_jitable
+def attend_gathered_tokens(keys, values, key_positions, positions, window, q, scale, out):
+    """Attention over gathered float32 K/V rows that carry their positions (a dense reference layout: the two-tier
+    cache's materializing path builds it from both tiers and the step's rows), masked by the window rule.
+
+    keys, values: (n_seq, kv_heads, N, D) float32;  key_positions: (n_seq, N) int64, -1 for padding
+    """
+    n_seq, n_tokens, q_heads, _ = q.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    work = np.empty((group, WORK_COLUMNS), np.float32)
+    for i in range(n_seq):
+        for t in range(n_tokens):
+            p = positions[i, t]
+            for h in range(kv_heads):
+                q_heads_h = q[i, t, h * group:(h + 1) * group]
+                out_heads = out[i, t, h * group:(h + 1) * group]
+                softmax_start(out_heads, work)
+                attend_slots(q_heads_h, keys[i, h], values[i, h], key_positions[i], p + 1, p, window, 0, scale,
+                             out_heads, work)
+                softmax_finish(out_heads, work)
 
 
 def default_scale(head_dim):

@@ -11,6 +11,7 @@ fixed at ``import numba`` time (``NUMBA_ENABLE_CUDASIM=1``).
 """
 
 import importlib
+import os
 
 import numpy as np
 
@@ -66,6 +67,16 @@ class HostOps:
         return np.zeros(dims, dtype)
 
     @staticmethod
+    def full(dims, fill, dtype):
+        """A new array of ``dims`` filled with ``fill`` (zeros are mapped lazily by the OS)."""
+        return np.zeros(dims, dtype) if fill == 0 else np.full(dims, fill, dtype)
+
+    @staticmethod
+    def memory_limit():
+        """Bytes of memory an allocation may ask for: this machine's physical memory."""
+        return host_memory_bytes()
+
+    @staticmethod
     def to_host(a):
         return a
 
@@ -87,6 +98,18 @@ class HostOps:
     def as_storage(a, storage_dtype):
         """float16 arrays become their uint16 bit patterns (zero-copy); others pass through."""
         return np.ascontiguousarray(a).view(storage_dtype)
+
+
+#: host bookkeeping arrays (a pooled cache's block tables) are allocated through this, whatever the backend
+HOST = HostOps(None)
+
+
+def host_memory_bytes():
+    """This machine's physical memory in bytes (what no array kvref allocates can exceed)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume 1 TiB, NumPy still refuses what fails
+        return 2**40
 
 
 def backend_ops(variant, backend):

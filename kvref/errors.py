@@ -27,7 +27,18 @@ class ShapeError(KVCacheError, ValueError):
 
 
 class DTypeError(KVCacheError, TypeError):
-    """An array has the wrong dtype, or an unsupported storage dtype was asked for."""
+    """An argument has the wrong type: an array of the wrong dtype or byte order, something that is not a NumPy
+    array, a scale that is not a real number; or an unsupported storage dtype was asked for."""
+
+
+class InvalidValueError(KVCacheError, ValueError):
+    """An argument has the right type but a value that is not allowed: a non-finite or non-positive ``scale``, a
+    read-only ``out`` array."""
+
+
+class AllocationError(KVCacheError, MemoryError):
+    """A cache (or a pool, or a table) of the requested size cannot be allocated; the message states the bytes.
+    Nothing was allocated."""
 
 
 class IndexOutOfRangeError(KVCacheError, IndexError):

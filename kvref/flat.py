@@ -25,15 +25,17 @@ The functions marked ``@register_jitable`` are the spec. Called directly they ru
 calls them from CUDA kernels as device functions.
 """
 
+import dataclasses
+
 import numpy as np
 from numba.extending import register_jitable
 
 from .attention import WORK_COLUMNS, attend_group
 from .cache import CacheBase, Step, freeze
-from .errors import CacheOverflowError, IndexOutOfRangeError
+from .errors import CacheOverflowError
 from .shapes import check_index, check_positive_int
 
-__all__ = ["FlatCache", "Step", "attend_one", "attend_tokens", "flat_slot", "work_item", "write_one", "write_tokens"]
+__all__ = ["FlatCache", "FlatStep", "attend_one", "attend_tokens", "flat_slot", "work_item", "write_one", "write_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,8 +86,11 @@ def attend_one(kv, layer, seq_ids, positions, q, scale, out, work, i, t, h):
     group = q.shape[2] // kv.shape[3]
     first = h * group
     n_visible = positions[i, t] + 1
-    attend_group(q[i, t, first:first + group], kv[layer, 0, seq, h], kv[layer, 1, seq, h], n_visible, scale,
-                 out[i, t, first:first + group], work)
+    q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
+    keys = kv[layer, 0, seq, h]  # (max_tokens, D) this sequence's K rows of head h, slot = position
+    values = kv[layer, 1, seq, h]  # (max_tokens, D)
+    out_heads = out[i, t, first:first + group]  # (G, D)
+    attend_group(q_heads, keys, values, n_visible, scale, out_heads, work)
 
 
 @register_jitable
@@ -112,9 +117,14 @@ def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The cache object: host-side plan and validation (shared checks in kvref/cache.py); the compiled work goes to the
-# backend's twin functions.
+# The cache object: the lifecycle and the checks are kvref/cache.py's; the flat cache adds its addressing and its
+# overflow rule, and the compiled work goes to the backend's twin functions.
 # ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatStep(Step):
+    """A planned step of the flat cache: positions and slots (``slot = p``); no other field."""
+
+
 class FlatCache(CacheBase):
     """A contiguous KV cache for a batch of sequences with their own lengths.
 
@@ -129,10 +139,11 @@ class FlatCache(CacheBase):
         for layer in range(shape.layers):
             cache.write(step, layer, k, v)         # k, v: (n_seq, T, kv_heads, head_dim)
             o = cache.attend(step, layer, q)       # q: (n_seq, T, q_heads, head_dim) float32
-        cache.advance(step)
+        cache.advance(step)                        # every layer must have been written
     """
 
     variant = "flat"
+    step_type = FlatStep
 
     def __init__(self, shape, batch=1, max_tokens=2048, backend="cpu"):
         check_positive_int("max_tokens", max_tokens)
@@ -147,10 +158,6 @@ class FlatCache(CacheBase):
     def remaining_capacity(self, seq=0):
         """Tokens sequence ``seq`` can still take: max_tokens - length."""
         return self.max_tokens - self.get_seq_length(seq)
-
-    def is_full(self, seq=0):
-        """True when sequence ``seq`` has no free slot."""
-        return self.remaining_capacity(seq) == 0
 
     def _stored(self, layer, seq, kv_index):
         check_index("layer", layer, self.shape.layers)
@@ -175,75 +182,39 @@ class FlatCache(CacheBase):
 
     def state(self):
         """A deep snapshot of everything the cache holds (for tests: equal snapshots = identical caches)."""
-        return {"kv": self.kv.copy(), "lengths": self._lengths.copy(), "version": self._version}
+        return {"kv": self.kv.copy(), "lengths": self._lengths.copy(), **self._tracking_state()}
 
-    # --- planning and running a step -------------------------------------------------------------------------
-    def plan(self, num_tokens=1, seq_ids=None):
-        """Plan a step of ``num_tokens`` new tokens for each sequence in ``seq_ids`` (default: all).
-
-        Raises CacheOverflowError if any sequence would exceed ``max_tokens``; the cache is not changed either way.
-        """
-        check_positive_int("num_tokens", num_tokens)
-        ids = self._seq_ids(seq_ids).copy()
+    # --- the variant's part of the lifecycle (kvref/cache.py runs it) -----------------------------------------
+    def _check_capacity(self, ids, num_tokens):
+        """Overflow (``length + T > max_tokens``) raises CacheOverflowError before anything changes (seed 001
+        added first and checked afterwards)."""
         for s in ids.tolist():
-            if int(self._lengths[s]) + int(num_tokens) > self.max_tokens:  # Python ints: no int64 wrap-around
+            if int(self._lengths[s]) + num_tokens > self.max_tokens:  # Python ints: no int64 wrap-around
                 raise CacheOverflowError(
                     "num_tokens", f"<= remaining capacity {self.max_tokens - self._lengths[s]} of sequence {s}",
                     num_tokens, detail="nothing was written")
-        positions = self._lengths[ids][:, None] + np.arange(num_tokens, dtype=np.int64)[None, :]
+
+    def _plan(self, ids, positions):
         slots = np.empty_like(positions)
         for i in range(positions.shape[0]):
             for t in range(positions.shape[1]):
                 slots[i, t] = flat_slot(positions[i, t])
         freeze(ids, positions, slots)
-        return Step(ids, positions, slots, self._version)
+        return FlatStep(ids, positions, slots, self._id, self._version)
 
-    def write(self, step, layer, k_new, v_new):
-        """Write one layer's new K and V, each (n_seq, T, kv_heads, head_dim) in the cache's dtype."""
-        k_store, v_store = self._check_kv(step, layer, k_new, v_new)
+    def _write(self, step, layer, k_store, v_store):
         self._ops.write_tokens(self._kv, layer, step.seq_ids, step.slots, k_store, v_store)
 
-    def attend(self, step, layer, q, scale=None, out=None):
-        """Attention output of one layer for the step's tokens: (n_seq, T, q_heads, head_dim) float32.
-
-        The step's own K/V must have been written for this layer. ``scale`` defaults to 1/sqrt(head_dim).
-        """
-        out, scale = self._check_query(step, layer, q, scale, out)
+    def _attend(self, step, layer, q, scale, out):
         self._ops.attend_tokens(self._kv, layer, step.seq_ids, step.positions, q, scale, out)
-        return out
 
-    def advance(self, step):
-        """Commit the step: ``length[seq] += T`` for its sequences. Call once, after every layer was written."""
-        self._check_step(step)
-        self._lengths[step.seq_ids] = step.positions[:, -1] + 1
-        self._bump()
+    def _commit(self, step):
+        """Nothing beyond ``length += T``: the K/V are in their slots already."""
 
-    # --- shrinking ------------------------------------------------------------------------------------------
-    def reset(self, seq=None):
-        """Forget every token (or those of sequence ``seq``). O(1): only lengths change; no slot is zeroed."""
-        if seq is None:
-            self._lengths[:] = 0
-        else:
-            check_index("seq", seq, self.batch)
-            self._lengths[seq] = 0
-        self._bump()
+    def _reset(self, seqs):
+        """O(1) per sequence: only the length changes; no slot is zeroed (none at or past a length is read)."""
+        self._lengths[seqs] = 0
 
-    def crop(self, max_length, seq=None):
-        """Keep the first ``max_length`` tokens (Hugging Face semantics: a negative value drops that many).
-
-        A sequence already shorter than the target keeps its length.
-        """
-        max_length = self._check_crop_target(max_length)
-        seqs = range(self.batch) if seq is None else [seq]
-        if seq is not None:
-            check_index("seq", seq, self.batch)
-        targets = {}
-        for s in seqs:
-            target = max_length if max_length >= 0 else int(self._lengths[s]) + max_length
-            if target < 0:
-                raise IndexOutOfRangeError("max_length", f">= -{int(self._lengths[s])} for sequence {s}",
-                                           max_length)
-            targets[s] = min(target, int(self._lengths[s]))
+    def _crop(self, targets):
         for s, target in targets.items():
             self._lengths[s] = target
-        self._bump()

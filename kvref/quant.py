@@ -86,21 +86,13 @@ import numpy as np
 from numba.extending import register_jitable
 
 from .errors import DTypeError, NonFiniteError, ShapeError
-from .fp16 import f16_bits_to_f32, f32_to_f16_bits
+from .fp16 import f16_bits_to_f32, f32_to_f16_bits, widen
 
-__all__ = ["BLOCK", "FORMATS", "GGML_TYPES", "block_codes", "dequantize", "quantize", "row_bytes"]
+__all__ = ["BLOCK", "FORMATS", "GGML_TYPES", "block_codes", "dequantize", "dequantize_row", "quantize", "quantize_row",
+           "row_bytes"]
 
 #: elements per block, for every format here
 BLOCK = 32
-
-#: format name -> (block size in elements, bytes per block, bits per element)
-FORMATS = {
-    "q8_0": (32, 34, 8.5),
-    "q4_0": (32, 18, 4.5),
-    "q4_1": (32, 20, 5.0),
-    "q5_0": (32, 22, 5.5),
-    "q5_1": (32, 24, 6.0),
-}
 
 #: format name -> ggml's type number (``enum ggml_type``, also ``gguf.GGMLQuantizationType``); compiled code takes
 #: the format as this integer
@@ -176,6 +168,10 @@ def layout(fmt):
     if fmt == Q5_0:
         return -1, 2, 6, 22
     return 2, 4, 8, 24  # Q5_1
+
+
+#: format name -> (block size in elements, bytes per block, bits per element), read off :func:`layout`
+FORMATS = {name: (BLOCK, layout(fmt)[3], layout(fmt)[3] * 8 / BLOCK) for name, fmt in sorted(GGML_TYPES.items())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,6 +337,35 @@ def dequantize_rows(blocks, fmt, x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Spec: the row codec (one head row of a cache: its head_dim elements <-> its blocks)
+# ---------------------------------------------------------------------------------------------------------------
+@register_jitable
+def quantize_row(row, fmt, blocks, scratch):
+    """Quantize one head row (head_dim elements, float32 or fp16 bits) into its ggml blocks, 32 elements at a time;
+    each block is widened to float32 in ``scratch`` (32 floats) first. The two-tier cache stores a token this way."""
+    block_bytes = layout(fmt)[3]
+    for b in range(row.shape[0] // BLOCK):
+        for k in range(BLOCK):
+            scratch[k] = widen(row[b * BLOCK + k])
+        quantize_block(scratch, fmt, blocks[b * block_bytes:(b + 1) * block_bytes])
+
+
+@register_jitable(forceinline=True)
+def dequantize_row(row, fmt, scratch):
+    """Decode one quantized row (ggml blocks, ``kvref/quant.py``) into ``scratch[:head_dim]``, block by block:
+    ``x~_j = d * c_j (+ m)`` (``scratch[head_dim:head_dim + 32]`` holds one block's codes). Attention decodes one row
+    at a time into this scratch, which stays in L1: there is never a float copy of the store. (It returns nothing:
+    CUDA device functions cannot return a view.)"""
+    block_bytes = layout(fmt)[3]
+    D = scratch.shape[0] - BLOCK  # head_dim
+    out = scratch[:D]
+    codes = scratch[D:]
+    for b in range(D // BLOCK):
+        dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt,
+                               out[b * BLOCK:(b + 1) * BLOCK], codes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public API (host): validate, then run a backend's compiled rows
 # ---------------------------------------------------------------------------------------------------------------
 def format_id(fmt):
@@ -404,6 +429,9 @@ def dequantize(blocks, fmt, shape, backend="cpu"):
     """ggml blocks (uint8, rows of ``shape[-1] / 32`` blocks) -> float32 array of ``shape``, equal to
     ``gguf.quants.dequantize``."""
     fid = format_id(fmt)
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 0 for n in shape):
+        raise ShapeError("shape", "a tuple of integers >= 0", repr(shape))
     shape = tuple(int(n) for n in shape)
     if not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8:
         raise DTypeError("blocks", "a uint8 NumPy array", getattr(blocks, "dtype", type(blocks).__name__))

@@ -77,20 +77,18 @@ The functions marked ``@register_jitable`` are the spec: plain Python here (back
 ``numba.njit`` by ``kvref/cpu/ring.py`` and called from the CUDA kernels of ``kvref/cuda/ring.py``.
 """
 
+import dataclasses
+
 import numpy as np
 from numba.extending import register_jitable
 
 from .attention import WORK_COLUMNS, attend_slots, softmax_finish, softmax_start
-from .cache import CacheBase, Step, freeze
-from .errors import IndexOutOfRangeError, ShapeError
+from .cache import CacheBase, Step, allocate, check_integer, freeze
+from .errors import IndexOutOfRangeError
 from .shapes import check_index, check_positive_int
 
-__all__ = ["RingCache", "attend_one", "attend_tokens", "kept_after_step", "must_defer", "ring_slot", "write_one",
+__all__ = ["RingCache", "RingStep", "attend_one", "attend_tokens", "kept_after_step", "must_defer", "ring_slot", "write_one",
            "write_tokens"]
-
-
-#: positions stay below 2**31 (llama.cpp's llama_pos is an int32 too); a ring never fills, so this is its only limit
-MAX_POSITIONS = 2**31
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,16 +164,19 @@ def attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending
     group = q.shape[2] // kv.shape[3]
     first = h * group
     p = positions[i, t]
-    q_heads = q[i, t, first:first + group]
-    out_heads = out[i, t, first:first + group]
+    q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
+    out_heads = out[i, t, first:first + group]  # (G, D)
     # A deferred step reads the ring only below its first position: a slot holding a position >= the length can
     # only be left over from a step that was written but never advanced, and the chunk brings its own keys.
     ring_end = positions[i, 0] if pending_k.shape[1] > 0 else p + 1
     softmax_start(out_heads, work)
-    attend_slots(q_heads, kv[layer, 0, seq, h], kv[layer, 1, seq, h], slot_positions[layer, seq], ring_end, p, window,
-                 sinks, scale, out_heads, work)
-    attend_slots(q_heads, pending_k[i, :, h], pending_v[i, :, h], positions[i], p + 1, p, window, sinks, scale,
-                 out_heads, work)
+    keys = kv[layer, 0, seq, h]  # (W, D) the ring's K rows of head h, in slot order
+    values = kv[layer, 1, seq, h]  # (W, D)
+    held = slot_positions[layer, seq]  # (W,) the position each slot holds, -1 if empty
+    attend_slots(q_heads, keys, values, held, ring_end, p, window, sinks, scale, out_heads, work)
+    chunk_k = pending_k[i, :, h]  # (T or 0, D) the step's held-aside keys of head h (deferred steps)
+    chunk_v = pending_v[i, :, h]  # (T or 0, D)
+    attend_slots(q_heads, chunk_k, chunk_v, positions[i], p + 1, p, window, sinks, scale, out_heads, work)
     softmax_finish(out_heads, work)
 
 
@@ -196,8 +197,17 @@ def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pend
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The cache object: host-side plan and validation (shared checks in kvref/cache.py)
+# The cache object: the lifecycle and the checks are kvref/cache.py's; the ring adds its slots, deferred steps and
+# the crop it can do exactly.
 # ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class RingStep(Step):
+    """A planned step of the ring cache. ``deferred``: the step's K/V are held aside until ``advance``, because
+    writing them at once would overwrite keys that the step's own earlier queries still need (:func:`must_defer`)."""
+
+    deferred: bool
+
+
 class RingCache(CacheBase):
     """A sliding-window KV cache: W slots per sequence, slot ``p % W``, positions stored per slot.
 
@@ -217,18 +227,18 @@ class RingCache(CacheBase):
     """
 
     variant = "ring"
+    step_type = RingStep
+    holds_step_aside = True
 
     def __init__(self, shape, batch=1, window=4096, sinks=0, backend="cpu"):
         check_positive_int("window", window)
-        if isinstance(sinks, (bool, np.bool_)) or not isinstance(sinks, (int, np.integer)):
-            raise ShapeError("sinks", "an integer", repr(sinks))
+        sinks = check_integer("sinks", sinks)
         if not 0 <= sinks < window:
-            raise IndexOutOfRangeError("sinks", f"0 <= sinks < window={int(window)}", int(sinks))
+            raise IndexOutOfRangeError("sinks", f"0 <= sinks < window={int(window)}", sinks)
         self.window = int(window)
-        self.sinks = int(sinks)
-        super().__init__(shape, batch, self.window, backend)
-        empty = np.full((shape.layers, self.batch, self.window), -1, np.int64)
-        self._slot_positions = self._ops.from_host(empty)
+        self.sinks = sinks
+        super().__init__(shape, batch, self.window, backend, size_argument="window")
+        self._slot_positions = allocate(self._ops, "window", (shape.layers, self.batch, self.window), np.int64, -1)
 
     # --- reading the state ---------------------------------------------------------------------------------
     @property
@@ -245,10 +255,6 @@ class RingCache(CacheBase):
     def remaining_capacity(self, seq=0):
         """Empty slots of sequence ``seq`` (W - length, at least 0). Past that the ring overwrites, by design."""
         return max(0, self.window - self.get_seq_length(seq))
-
-    def is_full(self, seq=0):
-        """True once every slot of sequence ``seq`` holds a token (further tokens overwrite the oldest)."""
-        return self.remaining_capacity(seq) == 0
 
     def held_positions(self, seq=0, layer=0):
         """Sorted committed positions the ring holds for ``seq`` in ``layer``: sinks, then the last W - S positions.
@@ -289,58 +295,35 @@ class RingCache(CacheBase):
 
     def state(self):
         """A deep snapshot of everything the cache holds (for tests: equal snapshots = identical caches)."""
-        pending = self._pending_snapshot()
         return {"kv": self.kv.copy(), "slot_positions": self.slot_positions.copy(), "lengths": self._lengths.copy(),
-                "version": self._version, "step_key": self._step_key, "written": sorted(self._written),
-                "pending": pending}
+                **self._tracking_state()}
 
-    # --- planning and running a step -------------------------------------------------------------------------
-    def plan(self, num_tokens=1, seq_ids=None):
-        """Plan a step of ``num_tokens`` new tokens for each sequence in ``seq_ids`` (default: all).
-
-        positions[i, t] = L_i + t; slots[i, t] = ring_slot(position), or -1 if a later token of the same step takes
-        that slot. The step is deferred (see the module docstring) if writing it at once would overwrite a key one
-        of its own queries needs. Never raises for length: the ring overwrites. Changes nothing.
-        """
-        check_positive_int("num_tokens", num_tokens)
-        ids = self._seq_ids(seq_ids).copy()
-        longest = max(int(self._lengths[s]) for s in ids.tolist())
-        if longest + int(num_tokens) > MAX_POSITIONS:
-            raise IndexOutOfRangeError("num_tokens", f"<= {MAX_POSITIONS - longest} (positions stay below 2**31)",
-                                       num_tokens, detail="nothing was changed")
-        positions = self._lengths[ids][:, None] + np.arange(num_tokens, dtype=np.int64)[None, :]
+    # --- the variant's part of the lifecycle (kvref/cache.py runs it) -----------------------------------------
+    def _plan(self, ids, positions):
+        """slots[i, t] = ring_slot(p), or -1 if a later token of the same step takes that slot; the step is
+        deferred if writing it at once would overwrite a key one of its own queries needs. Never raises for
+        length: the ring overwrites."""
+        num_tokens = positions.shape[1]
         slots = np.empty_like(positions)
         for i in range(positions.shape[0]):
             last = positions[i, -1]
-            for t in range(positions.shape[1]):
+            for t in range(num_tokens):
                 p = positions[i, t]
                 kept = kept_after_step(p, last, self.window, self.sinks)
                 slots[i, t] = ring_slot(p, self.window, self.sinks) if kept else -1
-        deferred = any(must_defer(int(self._lengths[s]), int(num_tokens), self.window) for s in ids.tolist())
+        deferred = any(must_defer(int(self._lengths[s]), num_tokens, self.window) for s in ids.tolist())
         freeze(ids, positions, slots)
-        return Step(ids, positions, slots, self._version, deferred)
+        return RingStep(ids, positions, slots, self._id, self._version, deferred)
 
-    def write(self, step, layer, k_new, v_new):
-        """Write one layer's new K and V, each (n_seq, T, kv_heads, head_dim) in the cache's dtype.
-
-        A deferred step's K/V are copied aside and written into the ring by ``advance``.
-        """
-        k_store, v_store = self._check_kv(step, layer, k_new, v_new)
-        self._track(step)
+    def _write(self, step, layer, k_store, v_store):
+        """A deferred step's K/V are copied aside and written into the ring by ``advance``."""
         if step.deferred:
             self._pending[layer] = (self._ops.copy(k_store), self._ops.copy(v_store))
         else:
             self._ops.write_tokens(self._kv, self._slot_positions, layer, step.seq_ids, step.positions, step.slots,
                                    k_store, v_store)
-        self._written.add(layer)
 
-    def attend(self, step, layer, q, scale=None, out=None):
-        """Attention output of one layer for the step's tokens: (n_seq, T, q_heads, head_dim) float32.
-
-        The step's own K/V must have been written for this layer. ``scale`` defaults to 1/sqrt(head_dim).
-        """
-        out, scale = self._check_query(step, layer, q, scale, out)
-        self._check_written(step, [layer], "attend()")
+    def _attend(self, step, layer, q, scale, out):
         if step.deferred:
             pending_k, pending_v = self._pending[layer]
         else:
@@ -348,74 +331,40 @@ class RingCache(CacheBase):
             pending_k = pending_v = self._ops.zeros(empty, self.shape.storage_dtype)
         self._ops.attend_tokens(self._kv, self._slot_positions, layer, step.seq_ids, step.positions, pending_k,
                                 pending_v, self.window, self.sinks, q, scale, out)
-        return out
 
-    def advance(self, step):
-        """Commit the step: a deferred step's K/V go into the ring now; then ``length[seq] += T``.
-
-        Every layer must have been written for this step (otherwise a layer would miss these tokens).
-        """
-        self._check_step(step)
-        self._check_written(step, range(self.shape.layers), "advance()")
+    def _commit(self, step):
+        """A deferred step's K/V go into the ring now."""
         if step.deferred:
             for layer in range(self.shape.layers):
                 k_store, v_store = self._pending[layer]
                 self._ops.write_tokens(self._kv, self._slot_positions, layer, step.seq_ids, step.positions,
                                        step.slots, k_store, v_store)
-        self._lengths[step.seq_ids] = step.positions[:, -1] + 1
-        self._step_key, self._written, self._pending = None, set(), {}
-        self._bump()
 
-    # --- shrinking ------------------------------------------------------------------------------------------
-    def _clear_positions(self, seqs, keep_below):
-        """Mark empty (-1) every slot of ``seqs`` whose position is >= keep_below[seq], in every layer."""
+    def _clear_positions(self, keep_below):
+        """Mark empty (-1) every slot of sequence s whose position is >= keep_below[s], in every layer."""
         positions = np.array(self._ops.to_host(self._slot_positions))
-        for s in seqs:
+        for s, below in keep_below.items():
             rows = positions[:, s]
-            rows[rows >= keep_below[s]] = -1
+            rows[rows >= below] = -1
         self._slot_positions = self._ops.from_host(positions)
-        self._step_key, self._written, self._pending = None, set(), {}
 
-    def reset(self, seq=None):
-        """Forget every token (or those of sequence ``seq``): lengths to 0 and slot positions to -1 (empty).
+    def _reset(self, seqs):
+        """Lengths to 0 and slot positions to -1 (empty): O(layers * W) integer writes; the K/V bytes are not
+        zeroed (no empty slot is ever read)."""
+        self._clear_positions({s: 0 for s in seqs})
+        self._lengths[seqs] = 0
 
-        O(layers * W) integer writes; the K/V bytes are not zeroed (no empty slot is ever read).
-        """
-        if seq is not None:
-            check_index("seq", seq, self.batch)
-        seqs = range(self.batch) if seq is None else [seq]
-        self._clear_positions(seqs, {s: 0 for s in seqs})
-        for s in seqs:
-            self._lengths[s] = 0
-        self._bump()
+    def _check_crop(self, seq, length, target, max_length):
+        """Exact only when the ring still holds every key the shorter sequence needs: a sequence that has wrapped
+        (length > W) may only keep its length or keep nothing but sinks (target <= S)."""
+        if length > self.window and self.sinks < target < length:
+            dropped = f"{self.sinks} .. {length - (self.window - self.sinks) - 1}"
+            raise IndexOutOfRangeError(
+                "max_length", f"{length} (no change) or <= sinks={self.sinks} for sequence {seq}, which has wrapped",
+                max_length, detail=f"positions {dropped} were overwritten and a cropped ring would need some of "
+                                   "them; nothing was changed")
 
-    def crop(self, max_length, seq=None):
-        """Keep the first ``max_length`` tokens (Hugging Face semantics: a negative value drops that many).
-
-        Exact only when the ring still holds every key the shorter sequence needs, so it raises
-        :class:`IndexOutOfRangeError` (changing nothing) for a sequence that has wrapped (length > W) unless the target is
-        its current length or keeps only sinks (target <= S). A sequence already shorter than the target keeps its
-        length.
-        """
-        max_length = self._check_crop_target(max_length)
-        if seq is not None:
-            check_index("seq", seq, self.batch)
-        seqs = range(self.batch) if seq is None else [seq]
-        targets = {}
-        for s in seqs:
-            length = int(self._lengths[s])
-            target = max_length if max_length >= 0 else length + max_length
-            if target < 0:
-                raise IndexOutOfRangeError("max_length", f">= -{length} for sequence {s}", max_length)
-            target = min(target, length)
-            if length > self.window and self.sinks < target < length:
-                dropped = f"{self.sinks} .. {length - (self.window - self.sinks) - 1}"
-                raise IndexOutOfRangeError(
-                    "max_length", f"{length} (no change) or <= sinks={self.sinks} for sequence {s}, which has wrapped",
-                    max_length, detail=f"positions {dropped} were overwritten and a cropped ring would need some of "
-                                       "them; nothing was changed")
-            targets[s] = target
-        self._clear_positions(seqs, targets)
+    def _crop(self, targets):
+        self._clear_positions(targets)
         for s, target in targets.items():
             self._lengths[s] = target
-        self._bump()

@@ -49,18 +49,20 @@ The functions marked ``@register_jitable`` are the spec: plain Python here (back
 ``kvref/cpu/two_tier.py`` and called from the CUDA kernels of ``kvref/cuda/two_tier.py``.
 """
 
+import dataclasses
+
 import numpy as np
 from numba.extending import register_jitable
 
 from . import quant
-from .attention import (WORK_COLUMNS, attend_quantized_rows, attend_rows, attend_slots, first_visible,
-                        softmax_finish, softmax_start)
-from .cache import CacheBase, Step, freeze
+from .attention import (WORK_COLUMNS, attend_gathered_tokens, attend_quantized_rows, attend_rows, first_visible,
+                        ring_run, softmax_finish, softmax_start)
+from .cache import CacheBase, Step, allocate, freeze
 from .errors import DTypeError, IndexOutOfRangeError, ShapeError
-from .fp16 import widen
 from .shapes import CacheShape, check_index, check_positive_int
 
-__all__ = ["TwoTierCache", "attend_one", "attend_tokens", "commit_tokens", "migrate_to", "store_capacity"]
+__all__ = ["TwoTierCache", "TwoTierStep", "attend_one", "attend_tokens", "commit_tokens", "migrate_to",
+           "old_tokens_leaving", "store_capacity"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,27 +82,14 @@ def migrate_to(length, migrated, num_tokens, tail_tokens, migration_batch):
     return migrated + -(-overflow // migration_batch) * migration_batch
 
 
-@register_jitable
-def ring_run(lo, hi, capacity):
-    """Position range [lo, hi) of a ring of ``capacity`` slots (slot p % capacity) as at most two runs of slots:
-    returns (start, n_first, n_second): slots start .. start+n_first-1, then 0 .. n_second-1."""
-    start = lo % capacity
-    n_first = min(hi - lo, capacity - start)
-    return start, n_first, hi - lo - n_first
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Spec: storing (at advance)
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable
-def quantize_row(row, fmt, blocks, scratch):
-    """Quantize one head row (head_dim elements, float32 or fp16 bits) into ggml blocks, 32 elements at a time
-    (each block widened to float32 in ``scratch`` first)."""
-    block_bytes = quant.layout(fmt)[3]
-    for b in range(row.shape[0] // quant.BLOCK):
-        for k in range(quant.BLOCK):
-            scratch[k] = widen(row[b * quant.BLOCK + k])
-        quant.quantize_block(scratch, fmt, blocks[b * block_bytes:(b + 1) * block_bytes])
+def old_tokens_leaving(positions, tiers, i):
+    """How many old tail tokens of step-sequence i leave the tail in this step: positions ``max(m, e') <= p <
+    min(m', L)`` (the old tokens below e' are evicted without ever being quantized)."""
+    return max(0, min(tiers[i, 1], positions[i, 0]) - max(tiers[i, 0], tiers[i, 2]))
 
 
 @register_jitable
@@ -116,7 +105,8 @@ def migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch, i, 
     R = tail.shape[4]
     S = store.shape[4]
     for kv_index in range(2):
-        quantize_row(tail[layer, kv_index, seq, h, p % R], fmt, store[layer, kv_index, seq, h, p % S], scratch)
+        quant.quantize_row(tail[layer, kv_index, seq, h, p % R], fmt, store[layer, kv_index, seq, h, p % S],
+                           scratch)
 
 
 @register_jitable
@@ -129,8 +119,8 @@ def append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending
         return
     if p < tiers[i, 1]:
         S = store.shape[4]
-        quantize_row(pending_k[i, t, h], fmt, store[layer, 0, seq, h, p % S], scratch)
-        quantize_row(pending_v[i, t, h], fmt, store[layer, 1, seq, h, p % S], scratch)
+        quant.quantize_row(pending_k[i, t, h], fmt, store[layer, 0, seq, h, p % S], scratch)
+        quant.quantize_row(pending_v[i, t, h], fmt, store[layer, 1, seq, h, p % S], scratch)
         return
     slot = p % tail.shape[4]
     for d in range(pending_k.shape[3]):
@@ -149,8 +139,7 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
     n_seq, n_tokens, kv_heads, _ = pending_k.shape
     scratch = np.empty(quant.BLOCK, np.float32)
     for i in range(n_seq):
-        n_old = min(tiers[i, 1], positions[i, 0]) - max(tiers[i, 0], tiers[i, 2])
-        for k in range(max(0, n_old)):
+        for k in range(old_tokens_leaving(positions, tiers, i)):
             for h in range(kv_heads):
                 migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch, i, k, h)
     for i in range(n_seq):
@@ -170,24 +159,24 @@ def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending
     seq = seq_ids[i]
     group = q.shape[2] // tail.shape[3]
     first = h * group
-    q_heads = q[i, t, first:first + group]
-    out_heads = out[i, t, first:first + group]
+    q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
+    out_heads = out[i, t, first:first + group]  # (G, D)
     p = positions[i, t]
     length = positions[i, 0]
     migrated = tiers[i, 0]
     lo = first_visible(p, window)
     softmax_start(out_heads, work)
     if lo < migrated:  # the quantized store, dequantized block by block
-        keys = store[layer, 0, seq, h]
-        values = store[layer, 1, seq, h]
+        keys = store[layer, 0, seq, h]  # (S, row_bytes) uint8: each row is head_dim / 32 ggml blocks
+        values = store[layer, 1, seq, h]  # (S, row_bytes)
         start, n_first, n_second = ring_run(lo, migrated, store.shape[4])
         attend_quantized_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, fmt,
                               scale, out_heads, work, scratch)
         attend_quantized_rows(q_heads, keys, values, n_second, fmt, scale, out_heads, work, scratch)
     tail_lo = max(lo, migrated)
     if tail_lo < length:  # the tail, as stored
-        keys = tail[layer, 0, seq, h]
-        values = tail[layer, 1, seq, h]
+        keys = tail[layer, 0, seq, h]  # (R, D) the tail ring's rows, slot p % R
+        values = tail[layer, 1, seq, h]  # (R, D)
         start, n_first, n_second = ring_run(tail_lo, length, tail.shape[4])
         attend_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, scale, out_heads,
                     work)
@@ -215,32 +204,21 @@ def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
                            out, work, scratch, i, t, h)
 
 
-@register_jitable
-def attend_materialized_tokens(keys, values, key_positions, positions, window, q, scale, out):
-    """The materializing path, for teaching and as a cross-check: attention over float32 copies of every held key
-    and value (store dequantized, tail widened, the step's rows appended), masked by their positions.
-
-    keys, values: (n_seq, kv_heads, N, D) float32;  key_positions: (n_seq, N) int64, -1 for padding
-    """
-    n_seq, n_tokens, q_heads, _ = q.shape
-    kv_heads = keys.shape[1]
-    group = q_heads // kv_heads
-    work = np.empty((group, WORK_COLUMNS), np.float32)
-    for i in range(n_seq):
-        for t in range(n_tokens):
-            p = positions[i, t]
-            for h in range(kv_heads):
-                q_heads_h = q[i, t, h * group:(h + 1) * group]
-                out_heads = out[i, t, h * group:(h + 1) * group]
-                softmax_start(out_heads, work)
-                attend_slots(q_heads_h, keys[i, h], values[i, h], key_positions[i], p + 1, p, window, 0, scale,
-                             out_heads, work)
-                softmax_finish(out_heads, work)
+#: the materializing path's attention (teaching, cross-check): attention over gathered float32 rows
+attend_materialized_tokens = attend_gathered_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The cache object: host-side plan and validation (shared checks in kvref/cache.py)
+# The cache object: the lifecycle and the checks are kvref/cache.py's; the two-tier cache adds its tiers.
 # ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class TwoTierStep(Step):
+    """A planned step of the two-tier cache. ``tiers``: (n_seq, 3) int64, per sequence the tokens migrated before
+    the step, the migrated count after it and the evicted count after it, ``[m, m', e']``."""
+
+    tiers: np.ndarray
+
+
 class TwoTierCache(CacheBase):
     """A KV cache with a full-precision tail of the R most recent tokens and a ggml-quantized store of older ones.
 
@@ -262,6 +240,8 @@ class TwoTierCache(CacheBase):
     """
 
     variant = "two_tier"
+    step_type = TwoTierStep
+    holds_step_aside = True
 
     def __init__(self, shape, batch=1, tail_tokens=256, max_tokens=4096, store_format="q8_0", migration_batch=None,
                  backend="cpu"):
@@ -286,10 +266,10 @@ class TwoTierCache(CacheBase):
         self.store_format = store_format
         self.migration_batch = int(migration_batch)
         self.store_tokens = store_capacity(self.tail_tokens, self.max_tokens, self.migration_batch)
-        super().__init__(shape, batch, self.tail_tokens, backend)
+        super().__init__(shape, batch, self.tail_tokens, backend, size_argument="tail_tokens")
         self.row_bytes = quant.row_bytes(shape.head_dim, store_format)
-        self._store = self._ops.zeros((shape.layers, 2, self.batch, shape.kv_heads, self.store_tokens,
-                                       self.row_bytes), np.uint8)
+        self._store = allocate(self._ops, "max_tokens", (shape.layers, 2, self.batch, shape.kv_heads,
+                                                          self.store_tokens, self.row_bytes), np.uint8)
         self._migrated = np.zeros(self.batch, np.int64)
 
     # --- reading the state ---------------------------------------------------------------------------------
@@ -312,10 +292,6 @@ class TwoTierCache(CacheBase):
     def remaining_capacity(self, seq=0):
         """Tokens sequence ``seq`` can take before eviction starts (M - length, at least 0)."""
         return max(0, self.max_tokens - self.get_seq_length(seq))
-
-    def is_full(self, seq=0):
-        """True once sequence ``seq`` holds M tokens (each further token evicts the oldest)."""
-        return self.remaining_capacity(seq) == 0
 
     def tiers(self, seq=0):
         """Position ranges of sequence ``seq``: {"evicted": (0, e), "store": (e, m), "tail": (m, L)}."""
@@ -388,57 +364,40 @@ class TwoTierCache(CacheBase):
 
     def state(self):
         """A deep snapshot of everything the cache holds (for tests: equal snapshots = identical caches)."""
-        pending = self._pending_snapshot()
         return {"tail": self.kv.copy(), "store": self.store.copy(), "lengths": self._lengths.copy(),
-                "migrated": self._migrated.copy(), "version": self._version, "step_key": self._step_key,
-                "written": sorted(self._written), "pending": pending}
+                "migrated": self._migrated.copy(), **self._tracking_state()}
 
-    # --- planning and running a step -------------------------------------------------------------------------
-    def plan(self, num_tokens=1, seq_ids=None):
-        """Plan a step of ``num_tokens`` new tokens for each sequence in ``seq_ids`` (default: all).
-
-        positions[i, t] = L_i + t;  slots[i, t] = tail slot p % R for tokens that end the step in the tail, else -1;
-        tiers[i] = [m, m', e'] (migrated before, migrated after, evicted after). Never overflows. Changes nothing.
-        """
-        check_positive_int("num_tokens", num_tokens)
-        ids = self._seq_ids(seq_ids).copy()
-        positions = self._lengths[ids][:, None] + np.arange(num_tokens, dtype=np.int64)[None, :]
+    # --- the variant's part of the lifecycle (kvref/cache.py runs it) -----------------------------------------
+    def _plan(self, ids, positions):
+        """positions[i, t] = L_i + t;  slots[i, t] = tail slot p % R for tokens that end the step in the tail, else
+        -1;  tiers[i] = [m, m', e'] (migrated before, migrated after, evicted after). Never overflows."""
+        num_tokens = positions.shape[1]
         tiers = np.empty((ids.size, 3), np.int64)
         slots = np.full_like(positions, -1)
         for i, s in enumerate(ids.tolist()):
             length = int(self._lengths[s])
             tiers[i, 0] = self._migrated[s]
-            tiers[i, 1] = migrate_to(length, int(self._migrated[s]), int(num_tokens), self.tail_tokens,
+            tiers[i, 1] = migrate_to(length, int(self._migrated[s]), num_tokens, self.tail_tokens,
                                      self.migration_batch)
-            tiers[i, 2] = max(0, length + int(num_tokens) - self.max_tokens)
+            tiers[i, 2] = max(0, length + num_tokens - self.max_tokens)
             in_tail = positions[i] >= tiers[i, 1]
             slots[i, in_tail] = positions[i, in_tail] % self.tail_tokens
         freeze(ids, positions, slots, tiers)
-        return Step(ids, positions, slots, self._version, tiers=tiers)
+        return TwoTierStep(ids, positions, slots, self._id, self._version, tiers)
 
-    def write(self, step, layer, k_new, v_new):
-        """Hold one layer's new K and V aside until ``advance``: each (n_seq, T, kv_heads, head_dim) in the cache's
-        dtype. NaN or inf raises NonFiniteError (it could not be quantized), before anything changes."""
-        k_store, v_store = self._check_kv(step, layer, k_new, v_new)
-        quant.check_finite("k_new", self._ops.to_host(k_new))
-        quant.check_finite("v_new", self._ops.to_host(v_new))
-        self._track(step)
+    def _check_values(self, name, a):
+        """NaN or inf raises NonFiniteError (it could not be quantized), before anything changes."""
+        quant.check_finite(name, self._ops.to_host(a))
+
+    def _write(self, step, layer, k_store, v_store):
+        """Hold one layer's new K and V aside until ``advance``."""
         self._pending[layer] = (self._ops.copy(k_store), self._ops.copy(v_store))
-        self._written.add(layer)
 
-    def _attend_arguments(self, step, layer, q, scale, out):
-        out, scale = self._check_query(step, layer, q, scale, out)
-        self._check_written(step, [layer], "attend()")
-        return out, scale
-
-    def attend(self, step, layer, q, scale=None, out=None):
-        """Attention output of one layer for the step's tokens: (n_seq, T, q_heads, head_dim) float32, reading the
-        store block by block (no dequantized copy). ``scale`` defaults to 1/sqrt(head_dim)."""
-        out, scale = self._attend_arguments(step, layer, q, scale, out)
+    def _attend(self, step, layer, q, scale, out):
+        """Reads the store block by block (no dequantized copy), the tail and the held-aside step."""
         pending_k, pending_v = self._pending[layer]
         self._ops.attend_tokens(self._kv, self._store, layer, step.seq_ids, step.positions, step.tiers, pending_k,
                                 pending_v, self.max_tokens, self.format_id, q, scale, out)
-        return out
 
     def materialize(self, step, layer):
         """Float32 copies of every key and value the step's queries may see, per step-sequence: (keys, values,
@@ -467,7 +426,8 @@ class TwoTierCache(CacheBase):
     def attend_materialized(self, step, layer, q, scale=None, out=None):
         """The same attention as :meth:`attend`, computed over :meth:`materialize`'s float32 copies (teaching and
         cross-check; it runs on the host: the python backend runs the spec, the others its njit twin)."""
-        out, scale = self._attend_arguments(step, layer, q, scale, out)
+        out, scale = self._check_query(step, layer, q, scale, out)
+        self._check_written(step, [layer], "attend()")
         keys, values, key_positions = self.materialize(step, layer)
         from .backends import backend_ops
 
@@ -481,58 +441,30 @@ class TwoTierCache(CacheBase):
             out[...] = host_out
         return out
 
-    def advance(self, step):
-        """Commit the step, every layer: migrate the tail tokens that leave, store the new tokens in their tiers;
-        then ``length += T`` and ``m = m'``. Every layer must have been written for this step."""
-        self._check_step(step)
-        self._check_written(step, range(self.shape.layers), "advance()")
+    def _commit(self, step):
+        """Every layer: migrate the tail tokens that leave, store the new tokens in their tiers; then ``m = m'``."""
         for layer in range(self.shape.layers):
             pending_k, pending_v = self._pending[layer]
             self._ops.commit_tokens(self._kv, self._store, layer, step.seq_ids, step.positions, step.tiers,
                                     pending_k, pending_v, self.format_id)
-        self._lengths[step.seq_ids] = step.positions[:, -1] + 1
         self._migrated[step.seq_ids] = step.tiers[:, 1]
-        self._step_key, self._written, self._pending = None, set(), {}
-        self._bump()
 
-    # --- shrinking ------------------------------------------------------------------------------------------
-    def reset(self, seq=None):
-        """Forget every token (or those of sequence ``seq``): O(1), only the counters change."""
-        if seq is not None:
-            check_index("seq", seq, self.batch)
-        seqs = range(self.batch) if seq is None else [seq]
-        for s in seqs:
-            self._lengths[s] = 0
-            self._migrated[s] = 0
-        self._step_key, self._written, self._pending = None, set(), {}
-        self._bump()
+    def _reset(self, seqs):
+        """O(1) per sequence: only the counters change."""
+        self._lengths[seqs] = 0
+        self._migrated[seqs] = 0
 
-    def crop(self, max_length, seq=None):
-        """Keep the first ``max_length`` tokens (Hugging Face semantics: a negative value drops that many).
+    def _check_crop(self, seq, length, target, max_length):
+        """Exact only while nothing was evicted (length <= max_tokens); otherwise only a no-op crop is allowed."""
+        if length > self.max_tokens and target < length:
+            raise IndexOutOfRangeError(
+                "max_length", f"{length} (no change) for sequence {seq}, which has evicted tokens", max_length,
+                detail=f"positions 0 .. {length - self.max_tokens - 1} are gone and a cropped cache would need "
+                       "some of them; nothing was changed")
 
-        Exact only while nothing was evicted (length <= max_tokens); otherwise only a no-op crop is allowed and
-        anything else raises IndexOutOfRangeError, changing nothing. Kept store tokens are not re-quantized
-        (transformers #40099 left its quantized buffer untouched by crop); a crop into the store empties the tail.
-        """
-        max_length = self._check_crop_target(max_length)
-        if seq is not None:
-            check_index("seq", seq, self.batch)
-        seqs = range(self.batch) if seq is None else [seq]
-        targets = {}
-        for s in seqs:
-            length = int(self._lengths[s])
-            target = max_length if max_length >= 0 else length + max_length
-            if target < 0:
-                raise IndexOutOfRangeError("max_length", f">= -{length} for sequence {s}", max_length)
-            target = min(target, length)
-            if length > self.max_tokens and target < length:
-                raise IndexOutOfRangeError(
-                    "max_length", f"{length} (no change) for sequence {s}, which has evicted tokens", max_length,
-                    detail=f"positions 0 .. {length - self.max_tokens - 1} are gone and a cropped cache would need "
-                           "some of them; nothing was changed")
-            targets[s] = target
+    def _crop(self, targets):
+        """Kept store tokens are not re-quantized (transformers #40099 left its quantized buffer untouched by crop); a
+        crop into the store empties the tail."""
         for s, target in targets.items():
             self._lengths[s] = target
             self._migrated[s] = min(int(self._migrated[s]), target)
-        self._step_key, self._written, self._pending = None, set(), {}
-        self._bump()

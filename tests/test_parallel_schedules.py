@@ -31,7 +31,7 @@ STEPS = [(13, [0, 1]), (9, [1]), (1, [0, 1]), (1, [1, 0]), (3, [0])]
 @pytest.mark.parametrize("variant", list(MAKERS))
 def test_parallel_schedule_matches_the_spec(variant, monkeypatch):
     module = getattr(kvref.cpu, variant)
-    monkeypatch.setattr(module, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(kvref.cpu, "PARALLEL_MIN_ROWS", 0)
     monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
     calls = []
     parallel = module.attend_tokens_parallel

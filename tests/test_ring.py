@@ -937,7 +937,7 @@ def _hand_built(step, field):
         deferred = not deferred
     elif field == "version_other":
         version = version + 1
-    return kvref.Step(ids, positions, slots, version, deferred)
+    return kvref.ring.RingStep(ids, positions, slots, step.cache_id, version, deferred)
 
 
 @pytest.mark.parametrize("field", ["slots_swapped", "slot_kept", "positions_shifted", "seq_ids_other",

@@ -292,13 +292,13 @@ def test_each_token_is_quantized_exactly_once(monkeypatch):
     the store), never more, over steps that migrate, prefill into the store, evict and crop. Hugging Face's
     QuantizedCache re-quantizes its whole store on every flush; a re-quantization here would raise the count."""
     calls = []
-    original = kvtt.quantize_row
+    original = kvref.quant.quantize_row
 
     def counting(row, fmt, blocks, scratch):
         calls.append(1)
         return original(row, fmt, blocks, scratch)
 
-    monkeypatch.setattr(kvtt, "quantize_row", counting)
+    monkeypatch.setattr(kvref.quant, "quantize_row", counting)
     run = Run("python", seed=3)
     for num_tokens, ids in SCHEDULE[:6]:
         run.step(num_tokens, ids)

@@ -135,8 +135,9 @@ def test_strided_write_threads_and_partial_attend_blocks(rng, monkeypatch):
         step_s, step_d = spec.plan(n_tokens), dev.plan(n_tokens)
         k, v = _random_kv(rng, BATCH, n_tokens, 2, np.float32)
         q = rng.standard_normal((BATCH, n_tokens, 4, HEAD_DIM)).astype(np.float32)
-        spec.write(step_s, 1, k, v)
-        dev.write(step_d, 1, k, v)
+        for layer in range(LAYERS):  # every layer: a step is advanced only once all its layers are written
+            spec.write(step_s, layer, k, v)
+            dev.write(step_d, layer, k, v)
         np.testing.assert_array_equal(dev.kv, spec.kv)
         np.testing.assert_allclose(dev.attend(step_d, 1, q), spec.attend(step_s, 1, q), **SPEC_TOL)
         spec.advance(step_s)

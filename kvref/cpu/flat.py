@@ -1,20 +1,16 @@
 """CPU twins of the flat cache's spec (``kvref/flat.py``): the same functions, compiled.
 
 ``attend_tokens_parallel`` is a schedule: ``prange`` over every (sequence, token, KV head) triple, each running the
-spec's ``attend_one``. ``attend_tokens`` picks it only when there is enough work to share: waking Numba's thread
-pool costs more than a small decode step (about 100x more on a busy 2-core machine).
+spec's ``attend_one``. ``attend_tokens`` picks it only when there is enough work to share
+(:func:`kvref.cpu.choose_schedule`).
 """
 
-import numba
 import numpy as np
 from numba import prange
 
 from .. import flat
 from ..attention import WORK_COLUMNS
-from . import ATTENTION_FASTMATH, compile_spec
-
-#: below this many (key row x KV head) reads a step runs on one thread
-PARALLEL_MIN_ROWS = 1 << 12
+from . import ATTENTION_FASTMATH, choose_schedule, compile_spec
 
 write_tokens = compile_spec(flat.write_tokens)
 attend_tokens_serial = compile_spec(flat.attend_tokens, fastmath=ATTENTION_FASTMATH)
@@ -36,8 +32,6 @@ attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTIO
 
 def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
     """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
-    rows = (int(positions.sum()) + positions.size) * kv.shape[3]
-    if numba.get_num_threads() > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * kv.shape[3] > 1:
-        attend_tokens_parallel(kv, layer, seq_ids, positions, q, scale, out)
-    else:
-        attend_tokens_serial(kv, layer, seq_ids, positions, q, scale, out)
+    rows = (int(positions.sum()) + positions.size) * kv.shape[3]  # key rows read: p + 1 per token and KV head
+    schedule = choose_schedule(rows, positions.size * kv.shape[3], attend_tokens_serial, attend_tokens_parallel)
+    schedule(kv, layer, seq_ids, positions, q, scale, out)

@@ -2,7 +2,7 @@
 
 ``attend_tokens_parallel`` is a schedule: ``prange`` over every (sequence, token, KV head) triple, each running the
 spec's ``attend_one`` (numbered as in the flat cache, ``kvref.flat.work_item``). ``attend_tokens`` picks it only when
-there is enough work to share (see ``kvref/cpu/flat.py``).
+there is enough work to share (:func:`kvref.cpu.choose_schedule`).
 """
 
 import numba
@@ -12,8 +12,7 @@ from numba import prange
 from .. import pooled
 from ..attention import WORK_COLUMNS
 from ..flat import work_item
-from . import ATTENTION_FASTMATH, compile_spec
-from .flat import PARALLEL_MIN_ROWS
+from . import ATTENTION_FASTMATH, choose_schedule, compile_spec
 
 write_tokens = compile_spec(pooled.write_tokens)
 copy_blocks = compile_spec(pooled.copy_blocks)
@@ -47,10 +46,10 @@ attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTIO
 
 def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
     """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
-    rows = (int((positions - starts[:, None]).sum()) + positions.size) * kv.shape[3]
-    threads = numba.get_num_threads()
-    if threads > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * kv.shape[3] > 1:
-        ranges = head_ranges(positions.size, kv.shape[3], threads)
-        attend_tokens_parallel(kv, layer, tables, starts, positions, q, scale, out, ranges)
-    else:
-        attend_tokens_serial(kv, layer, tables, starts, positions, q, scale, out)
+    rows = (int((positions - starts[:, None]).sum()) + positions.size) * kv.shape[3]  # held rows read
+
+    def parallel(*args):
+        attend_tokens_parallel(*args, head_ranges(positions.size, kv.shape[3], numba.get_num_threads()))
+
+    schedule = choose_schedule(rows, positions.size * kv.shape[3], attend_tokens_serial, parallel)
+    schedule(kv, layer, tables, starts, positions, q, scale, out)

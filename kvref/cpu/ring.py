@@ -2,18 +2,16 @@
 
 ``attend_tokens_parallel`` is a schedule: ``prange`` over every (sequence, token, KV head) triple, each running the
 spec's ``attend_one`` (numbered as in the flat cache, ``kvref.flat.work_item``). ``attend_tokens`` picks it only when
-there is enough work to share (see ``kvref/cpu/flat.py``).
+there is enough work to share (:func:`kvref.cpu.choose_schedule`).
 """
 
-import numba
 import numpy as np
 from numba import prange
 
 from .. import ring
 from ..attention import WORK_COLUMNS
 from ..flat import work_item
-from . import ATTENTION_FASTMATH, compile_spec
-from .flat import PARALLEL_MIN_ROWS
+from . import ATTENTION_FASTMATH, choose_schedule, compile_spec
 
 write_tokens = compile_spec(ring.write_tokens)
 attend_tokens_serial = compile_spec(ring.attend_tokens, fastmath=ATTENTION_FASTMATH)
@@ -37,10 +35,6 @@ attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTIO
 
 def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out):
     """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
-    rows = positions.size * (kv.shape[4] + pending_k.shape[1]) * kv.shape[3]
-    if numba.get_num_threads() > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * kv.shape[3] > 1:
-        attend_tokens_parallel(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q,
-                               scale, out)
-    else:
-        attend_tokens_serial(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q,
-                             scale, out)
+    rows = positions.size * (kv.shape[4] + pending_k.shape[1]) * kv.shape[3]  # every slot and held-aside row
+    schedule = choose_schedule(rows, positions.size * kv.shape[3], attend_tokens_serial, attend_tokens_parallel)
+    schedule(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out)

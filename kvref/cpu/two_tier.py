@@ -2,10 +2,9 @@
 
 ``attend_tokens_parallel`` is a schedule: ``prange`` over every (sequence, token, KV head) triple, each running the
 spec's ``attend_one`` (numbered as in the flat cache, ``kvref.flat.work_item``). ``attend_tokens`` picks it only when
-there is enough work to share (see ``kvref/cpu/flat.py``).
+there is enough work to share (:func:`kvref.cpu.choose_schedule`).
 """
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -13,8 +12,7 @@ from .. import two_tier
 from ..attention import WORK_COLUMNS
 from ..flat import work_item
 from ..quant import BLOCK
-from . import ATTENTION_FASTMATH, compile_spec
-from .flat import PARALLEL_MIN_ROWS
+from . import ATTENTION_FASTMATH, choose_schedule, compile_spec
 
 commit_tokens = compile_spec(two_tier.commit_tokens)
 attend_tokens_serial = compile_spec(two_tier.attend_tokens, fastmath=ATTENTION_FASTMATH)
@@ -40,11 +38,7 @@ attend_tokens_parallel = compile_spec(_attend_tokens_parallel, fastmath=ATTENTIO
 
 def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out):
     """The spec's ``attend_tokens``: serial for small steps, the prange schedule for large ones."""
-    held = np.minimum(positions[:, :1] + 1, window).sum() * positions.shape[1]
-    rows = int(held) * tail.shape[3]
-    if numba.get_num_threads() > 1 and rows >= PARALLEL_MIN_ROWS and positions.size * tail.shape[3] > 1:
-        attend_tokens_parallel(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
-                               scale, out)
-    else:
-        attend_tokens_serial(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
-                             scale, out)
+    held = np.minimum(positions[:, :1] + 1, window).sum() * positions.shape[1]  # rows read, about
+    schedule = choose_schedule(int(held) * tail.shape[3], positions.size * tail.shape[3], attend_tokens_serial,
+                               attend_tokens_parallel)
+    schedule(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out)

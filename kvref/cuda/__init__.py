@@ -40,6 +40,8 @@ import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from numba.core import config  # noqa: E402
+
 from ..attention import WORK_COLUMNS  # noqa: E402
 
 #: threads per block for the attend kernels (one thread per work item)
@@ -107,6 +109,22 @@ class CudaOps:
     def zeros(dims, dtype):
         """A zero-filled device array."""
         return cuda.to_device(np.zeros(dims, dtype))
+
+    @staticmethod
+    def full(dims, fill, dtype):
+        """A device array of ``dims`` filled with ``fill``."""
+        return cuda.to_device(np.full(dims, fill, dtype))
+
+    @staticmethod
+    def memory_limit():
+        """Bytes an allocation may ask for: the GPU's memory (in the simulator, and for the host staging copy, the
+        host's memory as well)."""
+        from ..backends import host_memory_bytes
+
+        limit = host_memory_bytes()
+        if not config.ENABLE_CUDASIM:
+            limit = min(limit, cuda.current_context().get_memory_info()[1])
+        return limit
 
     @staticmethod
     def to_host(a):

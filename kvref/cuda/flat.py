@@ -33,8 +33,8 @@ import numpy as np
 from numba import cuda
 
 from .. import flat
+from ..flat import work_item
 from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,11 +42,7 @@ from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_sig
 # ---------------------------------------------------------------------------------------------------------------
 def _write_kernel_body(kv, layer, seq_ids, slots, k_new, v_new):
     """Block (i * T + t, h) writes head h of new token t of step-sequence i; thread d writes element d."""
-    n_tokens = slots.shape[1]
-    row = cuda.blockIdx.x
-    i = row // n_tokens
-    t = row % n_tokens
-    h = cuda.blockIdx.y
+    i, t, h = work_item(cuda.blockIdx.x * cuda.gridDim.y + cuda.blockIdx.y, slots.shape[1], cuda.gridDim.y)
     for d in range(cuda.threadIdx.x, k_new.shape[3], cuda.blockDim.x):
         flat.write_one(kv, layer, seq_ids, slots, k_new, v_new, i, t, h, d)
 
@@ -57,7 +53,7 @@ def _attend_kernel_body(kv, layer, seq_ids, positions, q, scale, out, work):
     kv_heads = kv.shape[3]
     item = cuda.grid(1)
     if item < n_seq * n_tokens * kv_heads:
-        i, t, h = flat.work_item(item, n_tokens, kv_heads)
+        i, t, h = work_item(item, n_tokens, kv_heads)
         flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, work[item], i, t, h)
 
 

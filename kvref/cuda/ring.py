@@ -26,11 +26,7 @@ from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_sig
 # ---------------------------------------------------------------------------------------------------------------
 def _write_kernel_body(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_new):
     """Block (i * T + t, h) writes head h of new token t of step-sequence i; thread d writes element d."""
-    n_tokens = slots.shape[1]
-    row = cuda.blockIdx.x
-    i = row // n_tokens
-    t = row % n_tokens
-    h = cuda.blockIdx.y
+    i, t, h = work_item(cuda.blockIdx.x * cuda.gridDim.y + cuda.blockIdx.y, slots.shape[1], cuda.gridDim.y)
     for d in range(cuda.threadIdx.x, k_new.shape[3], cuda.blockDim.x):
         ring.write_one(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_new, i, t, h, d)
 

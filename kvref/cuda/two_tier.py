@@ -101,7 +101,7 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
     """Store one layer's step (spec: ``kvref.two_tier.commit_tokens``): the migrate kernel, then the append kernel."""
     n_seq, n_tokens, kv_heads, _ = pending_k.shape
     d_seq_ids, d_positions, d_tiers = on_device(seq_ids), on_device(positions), on_device(tiers)
-    n_old = int(max(0, (np.minimum(tiers[:, 1], positions[:, 0]) - np.maximum(tiers[:, 0], tiers[:, 2])).max()))
+    n_old = max(two_tier.old_tokens_leaving(positions, tiers, i) for i in range(n_seq))  # the spec's count, on host
     if n_old > 0:
         n_items = n_seq * n_old * kv_heads
         blocks, threads = _one_thread_per_item(n_items)
