@@ -18,6 +18,7 @@ A variant declares its part, like Hugging Face's ``CacheLayerMixin``, with abstr
     _commit(step)                      what advance does beyond ``length += T``
     _reset(seqs), _crop(targets)       forget tokens
     _stored(layer, seq, kv_index), get_max_cache_shape(), remaining_capacity(seq), stats(), state()
+    _step_bytes_per_token()            what a step holds until advance (the step-size bound); has a default
 
 and may add a guard where it differs (``_check_capacity``, ``_check_crop``, ``_check_values``), as
 ``DynamicSlidingWindowLayer.crop`` adds its own guard before calling ``super().crop``.
@@ -132,6 +133,7 @@ class CacheBase(ABC):
         self.backend = backend
         self._ops = backend_ops(self.variant, backend)
         dims = buffer_dims(shape, self.batch, int(slots)) if storage_dims is None else storage_dims
+        self._memory_limit = self._ops.memory_limit()  # read once (on CUDA it asks the driver)
         self._kv = allocate(self._ops, size_argument, dims, shape.storage_dtype)
         self._lengths = np.zeros(self.batch, np.int64)
         self._id = next(_CACHE_IDS)
@@ -234,6 +236,10 @@ class CacheBase(ABC):
         """The part of ``stats()`` every variant shares: which cache, backend, layout and dtype."""
         return {"variant": self.variant, "backend": self.backend, "layout": "head_major", "dtype": self.shape.dtype,
                 "element_bytes": self.shape.element_bytes, "batch": self.batch}
+
+    def _pending_bytes(self):
+        """Bytes of K/V held aside for the step being written."""
+        return sum(int(k.nbytes) + int(v.nbytes) for k, v in self._pending.values())
 
     def _tracking_state(self):
         """The step being written, for ``state()``: its key, the layers written and host copies of held-aside K/V."""
@@ -366,7 +372,7 @@ class CacheBase(ABC):
             raise IndexOutOfRangeError("num_tokens", f"<= {MAX_POSITIONS - longest} (positions stay below 2**31)",
                                        num_tokens, detail="nothing was changed")
         per_token = ids.size * self._step_bytes_per_token()
-        limit = self._ops.memory_limit()
+        limit = self._memory_limit
         if num_tokens * per_token > limit:
             raise IndexOutOfRangeError(
                 "num_tokens", f"<= {limit // per_token} (a step holds {per_token} bytes per token until advance, "
@@ -393,11 +399,12 @@ class CacheBase(ABC):
             raise StaleStepError("step", f"layer(s) {missing} written for this step before {action}",
                                  "not written", detail="call write(step, layer, k, v) first")
 
-    def _check_not_mid_step(self, action, step=None):
+    def _check_not_mid_step(self, action, key=None):
         """Where a written step must be advanced: after its first write, only that step's own calls (plan, write,
-        attend, advance) and a whole ``reset()`` may run; anything else raises StaleStepError."""
+        attend, advance; ``key`` is the planned step's) and a whole ``reset()`` may run; anything else raises
+        StaleStepError."""
         mid_step = self._written and self._step_key is not None and self._step_key[0] == self._version
-        if self.written_step_must_advance and mid_step and (step is None or self._key(step) != self._step_key):
+        if self.written_step_must_advance and mid_step and key != self._step_key:
             raise StaleStepError("step", f"advance() of the step already written before {action}",
                                  "a written step that was not advanced",
                                  detail="a written step must be advanced (or the cache reset)")
@@ -420,14 +427,13 @@ class CacheBase(ABC):
         self._check_capacity(ids, num_tokens)
         self._check_step_size(ids, num_tokens)
         positions = self._lengths[ids][:, None] + np.arange(num_tokens, dtype=np.int64)[None, :]
-        step = self._plan(ids, positions)
-        self._check_not_mid_step("planning another step", step)
+        step = self._plan(ids, positions)  # its own refusals (overflow, exhaustion) first, as if no step were written
+        self._check_not_mid_step("planning another step", self._key(step))
         return step
 
     def write(self, step, layer, k_new, v_new):
         """Write one layer's new K and V, each (n_seq, T, kv_heads, head_dim) in the cache's dtype."""
-        k_store, v_store = self._check_kv(step, layer, k_new, v_new)
-        self._check_not_mid_step("writing another step", step)
+        k_store, v_store = self._check_kv(step, layer, k_new, v_new)  # re-plans: refuses another step mid-step
         self._track(step)
         self._write(step, layer, k_store, v_store)
         self._written.add(layer)
@@ -472,7 +478,8 @@ class CacheBase(ABC):
         return step
 
     def reset(self, seq=None):
-        """Forget every token (or those of sequence ``seq``). A whole reset also ends a step being written."""
+        """Forget every token (or those of sequence ``seq``), and any step being written. Where a written step must
+        be advanced, only a whole reset may end it."""
         seqs = self._sequences(seq)
         if seq is not None:
             self._check_not_mid_step("reset(seq)")

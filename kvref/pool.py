@@ -342,7 +342,8 @@ class SequenceRows:
         """Evict exactly the ``num_tokens`` oldest held tokens of ``seq`` (no more: seed 004 dropped a whole block);
         blocks all of whose tokens are then evicted are freed. Returns the number of blocks freed."""
         seq = self._check_live("seq", seq)
-        check_index("num_tokens", num_tokens, int(self._lengths[seq] - self._books.starts[seq]) + 1)
+        held = int(self._lengths[seq] - self._books.starts[seq])
+        check_index("num_tokens", num_tokens, held + 1, f"at most the {held} tokens sequence {seq} holds")
         self._check_not_mid_step("evict_tokens")
         free_before = self.pool.num_free
         self._books.evict_to(seq, int(self._books.starts[seq]) + int(num_tokens), self.block_size)
@@ -356,7 +357,7 @@ class SequenceRows:
         Their allocations then count as ``hits`` in ``stats()``. Any planned step becomes stale."""
         pool = self.pool
         count = pool.num_free if num_blocks is None else num_blocks
-        check_index("num_blocks", count, pool.num_free + 1)
+        check_index("num_blocks", count, pool.num_free + 1, f"at most the {pool.num_free} free blocks")
         self._check_not_mid_step("prewarm")
         blocks = pool.untouched_head(count)
         if blocks and isinstance(self._kv, np.ndarray):

@@ -171,7 +171,8 @@ def layout(fmt):
 
 
 #: format name -> (block size in elements, bytes per block, bits per element), read off :func:`layout`
-FORMATS = {name: (BLOCK, layout(fmt)[3], layout(fmt)[3] * 8 / BLOCK) for name, fmt in sorted(GGML_TYPES.items())}
+FORMATS = {name: (BLOCK, layout(GGML_TYPES[name])[3], layout(GGML_TYPES[name])[3] * 8 / BLOCK)
+           for name in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def quantize_row(row, fmt, blocks, scratch):
 
 @register_jitable(forceinline=True)
 def dequantize_row(row, fmt, scratch):
-    """Decode one quantized row (ggml blocks, ``kvref/quant.py``) into ``scratch[:head_dim]``, block by block:
+    """Decode one quantized row (its ggml blocks) into ``scratch[:head_dim]``, block by block:
     ``x~_j = d * c_j (+ m)`` (``scratch[head_dim:head_dim + 32]`` holds one block's codes). Attention decodes one row
     at a time into this scratch, which stays in L1: there is never a float copy of the store. (It returns nothing:
     CUDA device functions cannot return a view.)"""

@@ -84,7 +84,7 @@ from numba.extending import register_jitable
 
 from .attention import WORK_COLUMNS, attend_slots, softmax_finish, softmax_start
 from .cache import CacheBase, Step, allocate, check_integer, freeze
-from .errors import IndexOutOfRangeError
+from .errors import IndexOutOfRangeError, StaleStepError
 from .shapes import check_index, check_positive_int
 
 __all__ = ["RingCache", "RingStep", "attend_one", "attend_tokens", "kept_after_step", "must_defer", "ring_slot", "write_one",
@@ -239,6 +239,7 @@ class RingCache(CacheBase):
         self.sinks = sinks
         super().__init__(shape, batch, self.window, backend, size_argument="window")
         self._slot_positions = allocate(self._ops, "window", (shape.layers, self.batch, self.window), np.int64, -1)
+        self._overwritten_at = None  # the version at which a written, not yet advanced step overwrote ring slots
 
     # --- reading the state ---------------------------------------------------------------------------------
     @property
@@ -277,7 +278,6 @@ class RingCache(CacheBase):
     def stats(self):
         """A dict describing the cache: window, sinks, use, bytes, dtype and layout."""
         held = np.minimum(self._lengths, self.window)
-        pending = sum(int(k.nbytes) + int(v.nbytes) for k, v in self._pending.values())
         return {
             **self._stats_head(),
             "window": self.window,
@@ -290,7 +290,7 @@ class RingCache(CacheBase):
             "bytes_used": int(held.sum()) * self.token_bytes,
             "nbytes": self.nbytes,
             "position_bytes": int(self._slot_positions.nbytes),
-            "pending_bytes": pending,
+            "pending_bytes": self._pending_bytes(),
         }
 
     def state(self):
@@ -319,9 +319,10 @@ class RingCache(CacheBase):
         """A deferred step's K/V are copied aside and written into the ring by ``advance``."""
         if step.deferred:
             self._pending[layer] = (self._ops.copy(k_store), self._ops.copy(v_store))
-        else:
+        else:  # written at once: a step may be abandoned (a rejected draft token), but a crop must wait (below)
             self._ops.write_tokens(self._kv, self._slot_positions, layer, step.seq_ids, step.positions, step.slots,
                                    k_store, v_store)
+            self._overwritten_at = self._version
 
     def _attend(self, step, layer, q, scale, out):
         if step.deferred:
@@ -356,7 +357,11 @@ class RingCache(CacheBase):
 
     def _check_crop(self, seq, length, target, max_length):
         """Exact only when the ring still holds every key the shorter sequence needs: a sequence that has wrapped
-        (length > W) may only keep its length or keep nothing but sinks (target <= S)."""
+        (length > W) may only keep its length or keep nothing but sinks (target <= S); and no crop while a step
+        written in this state has overwritten slots without being advanced (the overwritten keys may be needed)."""
+        if self._overwritten_at == self._version:
+            raise StaleStepError("max_length", "no crop while a written step is not advanced",
+                                 "a written step that overwrote ring slots", detail="advance a step first")
         if length > self.window and self.sinks < target < length:
             dropped = f"{self.sinks} .. {length - (self.window - self.sinks) - 1}"
             raise IndexOutOfRangeError(

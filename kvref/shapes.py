@@ -41,12 +41,14 @@ def check_positive_int(name, value):
         raise ShapeError(name, "an integer >= 1", repr(value))
 
 
-def check_index(name, value, upper):
-    """Raise IndexOutOfRangeError unless ``0 <= value < upper`` (and value is an integer)."""
+def check_index(name, value, upper, what=""):
+    """Raise IndexOutOfRangeError unless ``0 <= value < upper`` (and value is an integer); ``what`` says what the
+    bound is, e.g. "tokens held by sequence 2"."""
+    expected = f"an integer in [0, {upper})" + (f" ({what})" if what else "")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise IndexOutOfRangeError(name, f"an integer in [0, {upper})", repr(value))
+        raise IndexOutOfRangeError(name, expected, repr(value))
     if not 0 <= value < upper:
-        raise IndexOutOfRangeError(name, f"an integer in [0, {upper})", value)
+        raise IndexOutOfRangeError(name, expected, value)
 
 
 @dataclass(frozen=True)

@@ -359,7 +359,7 @@ class TwoTierCache(CacheBase):
             "compression_vs_fp32": held_total * 2 * fp16_token_bytes / used if used else None,
             "store_compression_vs_fp16": fp16_token_bytes / store_token_bytes,
             "store_compression_vs_fp32": 2 * fp16_token_bytes / store_token_bytes,
-            "pending_bytes": sum(int(k.nbytes) + int(v.nbytes) for k, v in self._pending.values()),
+            "pending_bytes": self._pending_bytes(),
         }
 
     def state(self):

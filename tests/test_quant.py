@@ -662,12 +662,13 @@ def test_dequantize_refuses_bad_input():
 # The compiled backend really uses its fast primitives
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_cpu_kernels_use_the_vector_primitives(fmt):
+def test_cpu_kernels_use_the_vector_primitives(fmt, monkeypatch):
     from kvref.cpu import quant as cpu_quant
 
     fid = quant.GGML_TYPES[fmt]
-    quant.quantize(np.ones((1, 32), np.float32), fmt)
-    kernel = cpu_quant.QUANTIZE[fid]
+    monkeypatch.setenv("KVREF_NUMBA_CACHE", "0")  # compiled here, not loaded from the disk cache (which keeps no IR)
+    kernel = cpu_quant._with_format(quant.quantize_rows, fid)
+    kernel(np.ones((1, 32), np.float32), np.empty((1, quant.FORMATS[fmt][1]), np.uint8))
     ir = "\n".join(kernel.inspect_llvm().values())
     assert "load <32 x float>" in ir, "the block reduction is one vector load (kvref/cpu/fast_math.py)"
     if fmt == "q8_0":

@@ -1054,3 +1054,23 @@ def test_plan_refuses_a_step_past_int64_positions(backend):
         cache.plan(2**63 - 1)
     assert info.value.argument == "num_tokens"
     assert_state_equal(before, cache.state())
+
+
+def test_crop_waits_for_a_written_step_that_overwrote_slots(backend):
+    """Found by review: a step written into the ring (not deferred) and not advanced has overwritten the slot of
+    position L - W in the layers it wrote; a crop then would keep a ring that misses keys it needs (layer 0 without
+    position 0, layer 1 with it). The crop is refused and changes nothing; after an advance it is allowed again."""
+    cache = kvref.RingCache(kvref.CacheShape(LAYERS, 4, 2, 8), batch=1, window=4, backend=backend)
+    k = np.random.default_rng(3).standard_normal((LAYERS, 1, 4, 2, 8)).astype(np.float32)
+    cache.append(k, -k)  # full, not wrapped: a crop to 3 is exact here
+    step = cache.plan(1)  # position 4 goes to slot 0, where position 0 is
+    cache.write(step, 0, arr(cache, 1, 1), arr(cache, 1, 1))
+    before = cache.state()
+    with pytest.raises(StaleStepError) as info:
+        cache.crop(3)
+    assert info.value.argument == "max_length"
+    assert_state_equal(before, cache.state())
+    cache.write(step, 1, arr(cache, 1, 1), arr(cache, 1, 1))
+    cache.advance(step)
+    cache.crop(5)  # allowed again (a no-op crop)
+    assert cache.get_seq_length(0) == 5

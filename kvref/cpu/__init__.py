@@ -10,13 +10,15 @@
 **The on-disk cache** (on by default; ``KVREF_NUMBA_CACHE=0`` turns it off). Numba's own cache notices when the file
 of a cached function changes, but not when a spec function in *another* file that it calls does (numba/numba#8396),
 so a plain ``cache=True`` can run stale code. kvref therefore caches in a folder named after a hash of all of its own
-sources, ``$NUMBA_CACHE_DIR/kvref-<hash>`` (default ``~/.cache/kvref/numba-<hash>``): any edit anywhere in kvref
-gives a new folder, so nothing stale is ever loaded. Where no folder can be written (a read-only install), it
-compiles without caching. A cold process compiles every kernel it uses (tens of seconds); a warm one loads them.
+sources as this process imported them (``kvref.SOURCE_HASH``), ``$NUMBA_CACHE_DIR/kvref-<hash>-<numba version>``
+(default ``~/.cache/kvref/numba-<hash>-<numba version>``): an edit anywhere in kvref gives a new folder. Where that
+folder cannot be written (a read-only home), nothing is cached at all (not even in Numba's fallback, a
+``__pycache__`` beside the sources, which no hash keys). A cold process compiles every kernel it uses (tens of
+seconds); a warm one loads them. Old folders are not removed; delete ``~/.cache/kvref`` to reclaim the space.
 """
 
-import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numba
@@ -48,39 +50,40 @@ def cache_enabled():
     return os.environ.get("KVREF_NUMBA_CACHE", "1") != "0"
 
 
-def source_hash():
-    """sha256 (16 hex digits) of every kvref source file, paths included: the key of the compiled-code cache."""
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256(numba.__version__.encode())
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 _CACHE_DIR = []
 
 
 def cache_dir():
-    """The folder compiled code is cached in: ``$NUMBA_CACHE_DIR/kvref-<hash>`` or ``~/.cache/kvref/numba-<hash>``."""
+    """The folder compiled code is cached in, ``$NUMBA_CACHE_DIR/kvref-<hash>`` or ``~/.cache/kvref/numba-<hash>``
+    (the hash of the sources this process imported, ``kvref.SOURCE_HASH``, and numba's version), or None when that
+    folder cannot be created and written: then nothing is cached."""
     if not _CACHE_DIR:
+        from .. import SOURCE_HASH
+
         base = os.environ.get("NUMBA_CACHE_DIR")
         folder = Path(base) / "kvref-" if base else Path.home() / ".cache" / "kvref" / "numba-"
-        _CACHE_DIR.append(str(folder) + source_hash())
+        folder = Path(f"{folder}{SOURCE_HASH}-{numba.__version__}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError:
+            folder = None
+        _CACHE_DIR.append(folder and str(folder))
     return _CACHE_DIR[0]
 
 
 def compile_spec(fn, fastmath=False, parallel=False):
-    """``numba.njit`` of a spec function, cached on disk in :func:`cache_dir` (falls back to no caching where that
-    folder cannot be written)."""
+    """``numba.njit`` of a spec function, cached on disk in :func:`cache_dir` when there is one. Numba is asked to
+    cache only when that folder is writable: otherwise it would fall back to a ``__pycache__`` next to the sources,
+    which is not keyed by the hash and could serve stale code."""
     options = {"fastmath": set(fastmath) if fastmath else False, "parallel": parallel}
-    if cache_enabled():
-        saved = config.CACHE_DIR
-        config.CACHE_DIR = cache_dir()  # read once, when the dispatcher picks its cache locator (now)
-        try:
-            return numba.njit(cache=True, **options)(fn)
-        except (RuntimeError, OSError):  # "cannot cache function ...: no locator available" on a read-only install
-            pass
-        finally:
-            config.CACHE_DIR = saved
-    return numba.njit(**options)(fn)
+    folder = cache_dir() if cache_enabled() else None
+    if folder is None:
+        return numba.njit(**options)(fn)
+    saved = config.CACHE_DIR
+    config.CACHE_DIR = folder  # read once, when the dispatcher picks its cache locator (now)
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    finally:
+        config.CACHE_DIR = saved
