@@ -1,8 +1,15 @@
 """Obviously-correct float64 NumPy references for the kvref tests.
 
-Nothing here imports kvref or copies its spec: attention is "gather the visible K/V, softmax, matmul" in float64,
-and the flat-cache model is a Python list of rows per (layer, sequence). Every backend of every variant is checked
-against these functions.
+Attention has ONE float64 reference, :mod:`kvref.check` ("gather the visible K/V, softmax, matmul", written there on
+its own without kvref's spec functions, and checked in tests/test_check.py against a per-element loop written out
+in that test). ``python -m kvref.plots`` and ``python -m kvref.bench`` check every backend against it; the tests use
+the same functions, re-exported here under the names they have always used: :func:`softmax`, :func:`attention`,
+:func:`kv_head_of`, :func:`decode_attention_gqa`, :func:`window_keys`, and two thin wrappers for chunks,
+:func:`causal_chunk_attention` and :func:`window_chunk_attention`.
+
+Everything else here is independent of kvref: list models of each variant (:class:`FlatModel`, :class:`RingModel`,
+:class:`TwoTierModel`, :class:`PooledModel`) restate its rules over Python lists of rows, the ggml bytes come from
+the ``gguf`` package, and the gathers read raw storage with NumPy indexing.
 
 Conventions (the shapes are those of the math, not of kvref's storage):
 
@@ -15,58 +22,17 @@ import math
 
 import numpy as np
 
-
-def softmax(scores):
-    """Softmax of a 1-D float64 array (max subtracted first, so large scores do not overflow)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    e = np.exp(scores - scores.max())
-    return e / e.sum()
-
-
-def attention(q, k, v, scale):
-    """Attention of one query head over n visible rows: softmax(scale * k @ q) @ v, all float64.
-
-    q: (D,), k: (n, D), v: (n, D). With n == 0 there is nothing to attend to and the output is zeros.
-    """
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
-    if k.shape[0] == 0:
-        return np.zeros(q.shape[-1], dtype=np.float64)
-    weights = softmax(float(scale) * (k @ q))
-    return weights @ v
-
-
-def kv_head_of(q_head, q_heads, kv_heads):
-    """GQA: query head qh reads KV head qh // (q_heads // kv_heads)."""
-    return q_head // (q_heads // kv_heads)
-
-
-def decode_attention_gqa(q, k, v, scale):
-    """One token's attention for every query head: q (Hq, D), k and v (Hkv, n, D) -> (Hq, D) float64."""
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
-    q_heads, kv_heads = q.shape[0], k.shape[0]
-    assert q_heads % kv_heads == 0
-    out = np.zeros(q.shape, dtype=np.float64)
-    for qh in range(q_heads):
-        h = kv_head_of(qh, q_heads, kv_heads)
-        out[qh] = attention(q[qh], k[h], v[h], scale)
-    return out
+# the attention reference, re-exported for the tests (``oracle.attention``, ``from oracle import window_keys``, ...)
+from kvref.check import (attention, decode_attention_gqa, kv_head_of, reference_attention, softmax,  # noqa: F401
+                         window_keys)
 
 
 def causal_chunk_attention(q, k, v, positions, scale):
     """A chunk of T tokens: token t sits at absolute position positions[t] and sees keys 0 .. positions[t].
 
     q: (T, Hq, D); k, v: (Hkv, n, D) with n > max(positions) (the chunk's own keys included) -> (T, Hq, D).
-    """
-    q = np.asarray(q, dtype=np.float64)
-    out = np.zeros(q.shape, dtype=np.float64)
-    for t, p in enumerate(positions):
-        p = int(p)
-        out[t] = decode_attention_gqa(q[t], k[:, : p + 1], v[:, : p + 1], scale)
-    return out
+    :func:`kvref.check.reference_attention` without a window."""
+    return reference_attention(q, k, v, positions, scale)
 
 
 def fp16_round(a):
@@ -131,28 +97,14 @@ class FlatModel:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sliding window (ring cache): the rule written out again here, independently of kvref.attention.visible
+# Sliding window (ring cache): the rule is kvref.check.window_keys, written there apart from kvref's spec
 # ---------------------------------------------------------------------------------------------------------------
-def window_keys(i, window, sinks=0):
-    """Key positions query position i may see: 0..i, cut to the first ``sinks`` and the last ``window - sinks``
-    positions (window <= 0: all of 0..i). A list of ints in increasing order."""
-    everything = list(range(i + 1))
-    if window <= 0 or len(everything) <= window:
-        return everything
-    return everything[:sinks] + everything[len(everything) - (window - sinks):]
-
-
 def window_chunk_attention(q, k, v, positions, window, scale, sinks=0):
     """A chunk of T tokens over the full, unwrapped K/V: token t at positions[t] sees ``window_keys(positions[t])``.
 
     q: (T, Hq, D); k, v: (Hkv, n, D) holding positions 0 .. n-1 (n > max(positions)) -> (T, Hq, D) float64.
-    """
-    q = np.asarray(q, dtype=np.float64)
-    out = np.zeros(q.shape, dtype=np.float64)
-    for t, p in enumerate(positions):
-        keys = window_keys(int(p), window, sinks)
-        out[t] = decode_attention_gqa(q[t], np.asarray(k)[:, keys], np.asarray(v)[:, keys], scale)
-    return out
+    :func:`kvref.check.reference_attention` with the window."""
+    return reference_attention(q, k, v, positions, scale, window, sinks)
 
 
 class RingModel(FlatModel):

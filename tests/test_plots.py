@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from kvref import memory
 from kvref.shapes import CacheShape
-from oracle import causal_chunk_attention, window_chunk_attention, window_keys
+from oracle import window_keys
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -37,12 +37,45 @@ def test_quick_run_writes_every_figure(quick_run):
                                   "window_conventions", "chunked_prefill", "quant_blocks", "quant_error",
                                   "two_tier_timeline", "two_tier_memory", "two_tier_error", "pooled_tables",
                                   "pooled_memory")
-    for name in plots.FIGURE_NAMES:
-        for ext in ("png", "svg"):
-            path = out / f"{name}.{ext}"
-            assert path.is_file() and path.stat().st_size > 1000, path
-        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert b"<svg" in (out / f"{name}.svg").read_bytes()[:2000]
+    assert sorted(n for _, _, names in plots.FIGURE_GROUPS for n in names) == sorted(plots.FIGURE_NAMES)
+    for name in plots.FIGURE_NAMES:  # --quick writes PNG only
+        path = out / f"{name}.png"
+        assert path.is_file() and path.stat().st_size > 1000, path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert not (out / f"{name}.svg").exists()
+
+
+def test_save_writes_png_and_svg(tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2), layout="constrained")
+    fig.subplots().plot([0, 1], [1, 0])
+    paths = plots.save(fig, "tiny", tmp_path)
+    assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "svg"]
+    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "tiny.svg").read_bytes()[:2000]
+    assert fig.get_layout_engine() is not None  # restored after the SVG
+
+
+def test_index_html_has_contents_by_topic_and_the_seeds(quick_run):
+    _, out = quick_run
+    index = (out / "index.html").read_text()
+    assert "<h2>Contents</h2>" in index and "Seeds 000-004" in index and "tests/test_seeds.py" in index
+    for title, key, names in plots.FIGURE_GROUPS:
+        assert f"href='#topic-{key}'" in index and f"id='topic-{key}'" in index
+        for name in names:
+            assert f"href='#{name}'" in index and f"id='{name}'" in index and f"src='{name}.png'" in index
+    # a backend that cannot run here is one row, not one per variant and dtype
+    assert index.count("<td>skipped</td>") <= 1
+
+
+def test_cli_help_is_plain_text(capsys):
+    from kvref.plots.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--quick" in text and "--jobs" in text and "``" not in text and ":func:" not in text
 
 
 def test_index_html_has_memory_table_and_machine(quick_run):
@@ -67,7 +100,7 @@ def test_index_html_has_memory_table_and_machine(quick_run):
     for text in ("Backend check", "python", "cpu", "numpy", "numba", "cores", "Machine"):
         assert text in index
     for name in plots.FIGURE_NAMES:
-        assert f"{name}.svg" in index and f"{name}.png" in index
+        assert f"{name}.png" in index and f"{name}.svg" not in index  # --quick writes PNG only
         assert html.escape(plots.FIGURE_CAPTIONS[name]) in index
 
 
@@ -97,19 +130,10 @@ def test_index_html_has_quant_and_two_tier_tables(quick_run):
 
 
 def test_failed_backend_check_aborts(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(plots.TOLERANCES, "python", 0.0)
-    assert plots.main(["--quick", "--out", str(tmp_path)]) == 1
+    monkeypatch.setitem(plots.TOLERANCES, "python", 0.0)  # this process only: --jobs 1 checks here
+    assert plots.main(["--quick", "--jobs", "1", "--out", str(tmp_path)]) == 1
     assert "ABORT" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "index.html").exists()
-
-
-def test_reference_attention_matches_oracle(rng):
-    q = rng.standard_normal((3, 4, 8))
-    k = rng.standard_normal((2, 6, 8))
-    v = rng.standard_normal((2, 6, 8))
-    positions = np.array([3, 4, 5])
-    got = plots.reference_attention(q, k, v, positions, 0.35)
-    np.testing.assert_allclose(got, causal_chunk_attention(q, k, v, positions, 0.35), rtol=1e-12, atol=1e-12)
 
 
 def test_timeline_is_recorded_from_a_real_cache():
@@ -127,26 +151,6 @@ def test_format_bytes():
     assert plots.format_bytes(GIB) == "1.00 GiB"
     assert plots.format_bytes(88 * MIB) == "88.0 MiB"
     assert plots.short_bytes(128 * MIB) == "128 MiB" and plots.short_bytes(1.5 * GIB) == "1.5 GiB"
-
-
-def test_reference_attention_with_window_matches_oracle(rng):
-    q = rng.standard_normal((4, 4, 8))
-    k = rng.standard_normal((2, 12, 8))
-    v = rng.standard_normal((2, 12, 8))
-    positions = np.array([6, 9, 10, 11])
-    for window, sinks in [(4, 0), (5, 2), (1, 0), (12, 3)]:
-        got = plots.reference_attention(q, k, v, positions, 0.3, window, sinks)
-        expected = window_chunk_attention(q, k, v, positions, window, 0.3, sinks)
-        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
-
-
-def test_check_backends_lists_every_variant():
-    rows = plots.check_backends(names=["python"])
-    assert [(r["variant"], r["dtype"]) for r in rows] == [("flat", "float32"), ("flat", "float16"),
-                                                          ("ring", "float32"), ("ring", "float16"),
-                                                          ("two_tier", "float32"), ("two_tier", "float16"),
-                                                          ("pooled", "float32"), ("pooled", "float16")]
-    assert all(r["ok"] for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +274,9 @@ def test_chunked_prefill_figure():
     fig = plots.chunked_prefill_figure()
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     naive, kvref_ax = fig.axes
-    assert "3 needed keys overwritten" in naive.get_title() and "deferred = True" in kvref_ax.get_title()
+    # keys 0 and 1 are gone: 2 distinct keys, missed by 3 (query, key) pairs (query 3 misses both, query 4 key 1)
+    assert "2 needed keys overwritten (keys 0, 1; 3 query-key pairs lost)" in naive.get_title()
+    assert "deferred = True" in kvref_ax.get_title()
     assert sum("gone" in t.get_text() for t in naive.texts) == 3
     assert not any("gone" in t.get_text() for t in kvref_ax.texts)
 
@@ -499,10 +505,17 @@ def test_two_tier_memory_figure():
     flat = lines["FlatCache float16"]
     assert np.nanmax(flat.get_ydata()) == 8192 * per_token == GIB
     for fmt, block in (("q8_0", 34), ("q4_0", 18)):
-        held = lines[f"two-tier {fmt}"].get_ydata()
+        held = lines[f"two-tier {fmt}, held"].get_ydata()
         # at n >= M: 256 - 0 .. 63 tail tokens (M - R = 7936 is a multiple of B = 64, so exactly 256) + the rest
         assert held[-1] == 256 * per_token + (8192 - 256) * 2 * 32 * 8 * (128 // 32 * block)
         assert held.max() == held[-1]  # flat in n past M
+        # one ratio per format: flat bytes / allocated two-tier bytes (R + M - R + B - 1 slots), as index.html's table
+        allocated = 256 * per_token + (8192 - 256 + 63) * 2 * 32 * 8 * (128 // 32 * block)
+        ratios = [t.get_text() for t in model_ax.texts if "x less" in t.get_text() and t.get_color() ==
+                  lines[f"two-tier {fmt}, held"].get_color()]
+        assert len(ratios) == 1 and f"{GIB / allocated:.2f}x less than flat" in ratios[0]
+    assert sum("x less" in t.get_text() for t in model_ax.texts) == 2
+    assert not any("x less" in line.get_label() for line in model_ax.lines)
     assert "TwoTierCache.stats()['bytes_used']" in " ".join(line.get_label() for line in small_ax.lines)
 
 
