@@ -1,0 +1,94 @@
+"""Timing and bandwidth helpers of the benchmarks: the median of repeated calls on rotated inputs, a STREAM-like read
+and copy of this machine's memory, the K/V bytes one decode step reads, and the machine's description.
+
+Every case times decode attention with one query token, ``Q_HEADS`` = 32 query heads and head_dim ``D`` = 128.
+Inputs are rotated over at least ``ROTATE_BYTES`` (256 MiB) of caches so that no timing is served from the 32 MiB L3.
+"""
+
+import math
+import os
+import platform
+import time
+
+ROTATE_BYTES = 256 * 2**20
+D = 128
+Q_HEADS = 32
+
+
+def median_time(fn, args_list, min_reps=5, min_seconds=0.3, max_reps=200):
+    """Median wall time of fn(*args), cycling through args_list (rotated inputs)."""
+    fn(*args_list[0])  # warm-up (and compile)
+    times = []
+    start = time.perf_counter()
+    i = 0
+    while (len(times) < min_reps or time.perf_counter() - start < min_seconds) and len(times) < max_reps:
+        args = args_list[i % len(args_list)]
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+        i += 1
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_bandwidth(threads, gib=1.0):
+    """STREAM-like read and copy of a ``gib`` GiB float32 array with ``threads`` Numba threads -> GB/s."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, fastmath=True)
+    def read(a, chunks):
+        n = a.size
+        partial = np.zeros(chunks, np.float32)
+        for c in numba.prange(chunks):
+            part = a[c * n // chunks:(c + 1) * n // chunks]
+            s = np.float32(0.0)
+            for i in range(part.size):
+                s += part[i]
+            partial[c] = s
+        return partial.sum()
+
+    @numba.njit(parallel=True)
+    def copy(dst, src, chunks):
+        n = src.size
+        for c in numba.prange(chunks):
+            d = dst[c * n // chunks:(c + 1) * n // chunks]
+            s = src[c * n // chunks:(c + 1) * n // chunks]
+            for i in range(s.size):
+                d[i] = s[i]
+
+    numba.set_num_threads(threads)
+    n = int(gib * 2**30 // 4)
+    a = np.ones(n, np.float32)
+    b = np.empty_like(a)
+    chunks = 64
+    t_read = median_time(read, [(a, chunks)], min_reps=5, min_seconds=1.0)
+    t_copy = median_time(copy, [(b, a, chunks)], min_reps=5, min_seconds=1.0)
+    return {"read_GBps": a.nbytes / t_read / 1e9, "copy_GBps": 2 * a.nbytes / t_copy / 1e9}
+
+
+def kv_bytes(kv_heads, n, dtype):
+    """K/V bytes one decode step over n cached tokens reads: 2 * kv_heads * n * D * element bytes."""
+    return 2 * kv_heads * n * D * (4 if dtype == "float32" else 2)
+
+
+def rotations(nbytes):
+    """How many copies of an input of ``nbytes`` bytes cover ROTATE_BYTES (at least one)."""
+    return max(1, math.ceil(ROTATE_BYTES / nbytes))
+
+
+def machine_info():
+    """Platform, Python, NumPy, core count and CPU model, for the report."""
+    import numpy as np
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+            "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
