@@ -203,7 +203,7 @@ arithmetic (bit-identical outputs, tested).
 The two-tier store reads 1.9x (q8_0) or 3.6x (q4_0) fewer bytes than fp16, but at one thread flat fp16 GQA is
 already compute-bound (about 8 GB/s, see above), so fewer bytes do not help unless decoding a byte costs no more
 than widening an fp16 element. It costs more: attention decodes each quantized row into a head_dim-float scratch
-block by block (`attention.dequantize_row` calling `quant.dequantize_block`: load the fp16 scale, sign-extend or
+block by block (`quant.dequantize_row` calling `quant.dequantize_block`: load the fp16 scale, sign-extend or
 unpack the 32 codes, convert, scale), then runs the same G dot products as the fp16 path. Per row that is four
 block decodes with their slice views and format dispatch, against one `vcvtph2ps` per element for fp16. Measured
 in throwaway probes: decoding alone costs 25-50 ns per 128-element row (a q8_0-only inline decoder reached 26 ns),
