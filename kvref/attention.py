@@ -295,11 +295,13 @@ def ring_run(lo, hi, capacity):
 
 
 @register_jitable
-def attend_gathered_tokens(keys, values, key_positions, positions, window, q, scale, out):
+def attend_gathered_tokens(keys, values, key_positions, positions, window, sinks, q, scale, out):
     """Attention over gathered float32 K/V rows that carry their positions (a dense reference layout: the two-tier
-    cache's materializing path builds it from both tiers and the step's rows), masked by the window rule.
+    cache's materializing path builds it from both tiers and the step's rows; the golden suite's dense attention
+    cases), masked by the window rule :func:`visible` (W = ``window``, S = ``sinks``).
 
     keys, values: (n_seq, kv_heads, N, D) float32;  key_positions: (n_seq, N) int64, -1 for padding
+    positions: (n_seq, T) query positions;  q, out: (n_seq, T, q_heads, D) float32
     """
     n_seq, n_tokens, q_heads, _ = q.shape
     kv_heads = keys.shape[1]
@@ -312,7 +314,7 @@ def attend_gathered_tokens(keys, values, key_positions, positions, window, q, sc
                 q_heads_h = q[i, t, h * group:(h + 1) * group]
                 out_heads = out[i, t, h * group:(h + 1) * group]
                 softmax_start(out_heads, work)
-                attend_slots(q_heads_h, keys[i, h], values[i, h], key_positions[i], p + 1, p, window, 0, scale,
+                attend_slots(q_heads_h, keys[i, h], values[i, h], key_positions[i], p + 1, p, window, sinks, scale,
                              out_heads, work)
                 softmax_finish(out_heads, work)
 

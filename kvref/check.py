@@ -25,6 +25,7 @@ come from the top-level ``kvref`` package; :func:`checked_step` runs one step of
 """
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -364,3 +365,88 @@ def check_backends(names=None, dtypes=("float32", "float16"), variants=("flat", 
                 elif progress is not None:
                     progress(row)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compare(): one tensor against its expected value (the golden checker's verdict, kvref/golden)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """What :func:`compare` found for one tensor.
+
+    ok: every compared element satisfies ``|actual - expected| <= atol + rtol * |expected|`` (and the shapes
+    agree); max_abs, max_rel: the largest absolute error and relative error ``|a - e| / |e|`` (over elements with
+    e != 0); nmse: :func:`nmse` (0 when the expected tensor is all zeros and matched); worst: up to ``n_worst``
+    elements that exceed their tolerance most (or, when all pass, the largest errors) as (index tuple, actual,
+    expected); compared, skipped: element counts (skipped = masked out); message: a one-line reason when not ok.
+    """
+
+    name: str
+    ok: bool
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    nmse: float = 0.0
+    worst: list = field(default_factory=list)
+    compared: int = 0
+    skipped: int = 0
+    atol: float = 0.0
+    rtol: float = 0.0
+    message: str = ""
+    ratio: float = 0.0  # max over elements of error / tolerance (inf where the tolerance is 0 and the error is not)
+
+
+def compare(actual, expected, name="tensor", atol=0.0, rtol=0.0, mask=None, n_worst=5):
+    """Compare ``actual`` with ``expected`` element by element: returns a :class:`Comparison`.
+
+    An element passes iff ``|actual - expected| <= atol + rtol * |expected|`` (NumPy's ``allclose`` rule; with
+    atol = rtol = 0 the values must be equal, as for integer tensors and quantized bytes). Both are read as float64
+    (integers up to 2**53 exactly). ``mask`` (bool, broadcastable from the left to expected's shape) selects the
+    elements to compare; masked-out elements and empty tensors are skipped, not failed. A shape that differs, or a
+    NaN or inf in ``actual`` where ``expected`` is finite, fails.
+    """
+    expected = np.asarray(expected)
+    actual = np.asarray(actual)
+    result = Comparison(name=name, ok=False, atol=float(atol), rtol=float(rtol))
+    if actual.shape != expected.shape:
+        result.message = f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        return result
+    e = expected.astype(np.float64)
+    a = actual.astype(np.float64)
+    keep = np.ones(e.shape, bool)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        keep = np.broadcast_to(mask.reshape(mask.shape + (1,) * (e.ndim - mask.ndim)), e.shape).copy()
+    result.compared = int(keep.sum())
+    result.skipped = int(keep.size - result.compared)
+    if result.compared == 0:
+        result.ok = True
+        return result
+    error = np.where(keep, np.abs(a - e), 0.0)
+    error[keep & ~np.isfinite(a) & np.isfinite(e)] = np.inf
+    same_special = keep & ~np.isfinite(e) & (a == e)  # an expected inf matched exactly
+    error[same_special] = 0.0
+    allowed = atol + rtol * np.abs(e)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(error == 0, 0.0, error / allowed)
+        relative = np.where(keep & (e != 0), error / np.abs(e), 0.0)
+    ratio[~keep] = 0.0
+    result.max_abs = float(error.max())
+    result.max_rel = float(relative.max())
+    result.ratio = float(ratio.max())
+    finite = keep & np.isfinite(e)
+    energy = float(np.sum(e[finite] ** 2))
+    squared = float(np.sum(np.where(finite, error, 0.0) ** 2))
+    result.nmse = squared / energy if energy > 0 else (0.0 if squared == 0 else np.inf)
+    order = np.argsort(-ratio, axis=None, kind="stable")[:n_worst]
+    for flat in order.tolist():
+        if ratio.flat[flat] == 0 and result.worst:
+            break
+        index = tuple(int(i) for i in np.unravel_index(flat, e.shape))
+        result.worst.append((index, actual[index].item(), expected[index].item()))
+    bad = int(np.sum(keep & (error > allowed)))
+    result.ok = bad == 0
+    if not result.ok:
+        index, got, want = result.worst[0]
+        result.message = (f"{bad} of {result.compared} elements exceed atol={atol:g} + rtol={rtol:g}*|expected|; "
+                          f"worst at {list(index)}: got {got!r}, expected {want!r}")
+    return result

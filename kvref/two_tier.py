@@ -433,7 +433,7 @@ class TwoTierCache(CacheBase):
 
         host_out = np.empty(out.shape, np.float32)
         backend_ops(self.variant, self._host_backend()).attend_materialized_tokens(
-            keys, values, key_positions, step.positions, self.max_tokens, np.asarray(self._ops.to_host(q)), scale,
+            keys, values, key_positions, step.positions, self.max_tokens, 0, np.asarray(self._ops.to_host(q)), scale,
             host_out)
         if self._ops.is_device_array(out):
             out.copy_to_device(host_out)
