@@ -37,3 +37,21 @@ def test_pooled_example_runs_as_written(capsys):
     assert "'kv_indptr': array([0, 2, 4], dtype=int32)" in lines[1]
     assert "'kv_indices': array([0, 1, 0, 2], dtype=int32)" in lines[1]
     assert "'kv_last_page_len': array([5, 5], dtype=int32)" in lines[1]
+
+
+def test_golden_section_commands_run_as_written(capsys, monkeypatch):
+    """The "Check your kernel against kvref" commands (after the pip install) run from the repository root and the
+    check prints the table the section shows, with exit status 0."""
+    import shlex
+
+    from kvref.golden.__main__ import main
+
+    section = (ROOT / "README.md").read_text().split("## Check your kernel against kvref", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("python3 -m kvref.golden")]
+    assert [shlex.split(c)[3] for c in commands] == ["list", "show", "check"]
+    monkeypatch.chdir(ROOT)
+    for command in commands:
+        assert main(shlex.split(command)[3:]) == 0, command
+    out = capsys.readouterr().out
+    assert "attention_window" in out and "33 cases: 7 ok, 0 FAIL, 26 skipped" in out

@@ -53,12 +53,14 @@ def append(seq_ids, num_tokens, error=None, attend=True):
 
 
 def cache_case(name, variant, description, ops, dtype="float32", **config):
+    """A cache case: the SMALL shape with ``config`` overrides, scale 1/sqrt(head_dim)."""
     config = {**SMALL, "dtype": dtype, **config}
     config["scale"] = 1.0 / config["head_dim"] ** 0.5
     return Case(name, "cache", description, config, ops, variant)
 
 
 def decode(seq_ids, steps):
+    """``steps`` decode steps (one token each) for ``seq_ids``."""
     return [append(seq_ids, 1) for _ in range(steps)]
 
 
@@ -66,6 +68,7 @@ def decode(seq_ids, steps):
 # flat
 # ---------------------------------------------------------------------------------------------------------------
 def flat_cases():
+    """Flat: prefill and decode with per-sequence lengths, MHA and GQA, fp32 and fp16, crop, reset, overflow."""
     return [
         cache_case("flat_prefill_decode_mha", "flat", "prefill then decode, per-sequence lengths; MHA (4 query heads, "
                    "4 KV heads), float32", [append([0, 1], 5), append([0], 3)] + decode([0, 1], 3),
@@ -77,6 +80,11 @@ def flat_cases():
                    [append([0, 1], 6), ("crop", {"seq": 0, "max_length": 3}), append([0, 1], 1),
                     ("crop", {"seq": None, "max_length": -2}), ("reset", {"seq": 1}), append([0, 1], 2),
                     ("reset", {"seq": None}), append([0, 1], 1)], batch=2, max_tokens=12),
+        cache_case("flat_whole_batch", "flat", "every step covers the whole batch (as Hugging Face's DynamicLayer "
+                   "requires): prefill, decode, crop all, append, reset all, append",
+                   [append([0, 1], 5)] + decode([0, 1], 2) + [("crop", {"seq": None, "max_length": 4}),
+                                                              append([0, 1], 2), ("reset", {"seq": None}),
+                                                              append([0, 1], 3)], batch=2, max_tokens=12),
         cache_case("flat_overflow", "flat", "an append past max_tokens is refused with CacheOverflowError and "
                    "changes nothing; the cache then fills exactly",
                    [append([0, 1], 6), append([0], 3, error="CacheOverflowError"), append([0, 1], 2),
@@ -88,6 +96,7 @@ def flat_cases():
 # ring (W = 8)
 # ---------------------------------------------------------------------------------------------------------------
 def ring_cases():
+    """Ring (W = 8): the wrap at W-1, W, W+1; a prefill longer than W; a deferred chunk; sinks."""
     w = 8
     return [
         cache_case("ring_wrap", "ring", "decode across the wrap: the two sequences reach W-1, W and W+1 tokens at "
@@ -111,6 +120,7 @@ def ring_cases():
 # two-tier (R = 8 tail tokens, migration in batches of 4, M = 20 held)
 # ---------------------------------------------------------------------------------------------------------------
 def two_tier_cases():
+    """Two-tier: migration at R-1, R, R+1; eviction at M-1, M, M+1; q8_0 and q4_0 store bytes."""
     config = {"batch": 2, "tail_tokens": 8, "max_tokens": 20, "migration_batch": 4}
     return [
         cache_case("two_tier_migration_q8_0", "two_tier", "migration at R-1, R and R+1 tokens (the HF #39106 "
@@ -131,6 +141,7 @@ def two_tier_cases():
 # pooled (B = 4)
 # ---------------------------------------------------------------------------------------------------------------
 def pooled_cases():
+    """Pooled (B = 4): block boundaries, fork with copy-on-write, release and reuse, exhaustion, eviction."""
     return [
         cache_case("pooled_block_boundaries", "pooled", "lengths B-1, B and B+1: a block is taken exactly when a "
                    "sequence writes position k * B", [append([0, 1], 3)] + decode([0, 1], 2) + [append([1], 4)],
@@ -159,6 +170,7 @@ def pooled_cases():
 # ---------------------------------------------------------------------------------------------------------------
 def attention_case(name, description, n_keys, queries, kv_heads, window=0, sinks=0, dtype="float32", q_heads=8,
                    head_dim=32, key_order="sorted"):
+    """A dense attention case: n_keys keys, the last ``queries`` positions as queries."""
     config = {"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype,
               "scale": 1.0 / head_dim ** 0.5, "window": window, "sinks": sinks}
     return Case(name, "attention", description, config,
@@ -166,6 +178,7 @@ def attention_case(name, description, n_keys, queries, kv_heads, window=0, sinks
 
 
 def attention_cases(large=False):
+    """Dense attention: decode and chunked prefill, window and sinks, GQA groups 1, 4 and 8."""
     cases = [
         attention_case("attention_decode_g1", "decode, MHA (group 1)", 37, 1, kv_heads=8),
         attention_case("attention_decode_g4_f16", "decode, GQA group 4, float16 K/V", 37, 1, kv_heads=2,
@@ -188,6 +201,7 @@ def attention_cases(large=False):
 
 
 def paged_cases():
+    """Paged attention over a real pooled cache's FlashInfer page table (forks, copy-on-write, reuse)."""
     config = {"layers": 1, "q_heads": 4, "kv_heads": 2, "head_dim": 32, "dtype": "float32", "scale": 32 ** -0.5,
               "num_blocks": 12, "block_size": 4, "batch": 3, "max_seqs": 4}
     history = [append([0, 1, 2], 5), append([1], 3), ("fork", {"seq": 1, "child": 3}), append([2, 3], 2),
@@ -206,6 +220,7 @@ QUANT_ROWS = ("zeros", "random", "q8_0 ties (d = 1)", "q4_0 ties (d = 1)", "q4_1
 
 
 def quant_cases():
+    """One case per ggml format: quantize the QUANT_ROWS, then dequantize the blocks."""
     from .. import quant
 
     return [Case(f"quant_{fmt}", "quantize", f"ggml {fmt}: quantize rows (ties, zeros, fp16-subnormal scales, "
@@ -217,8 +232,9 @@ def large_cases():
     """Realistic shapes, not committed: llama-3-8b heads, a 4096-token flat cache and a ring of 4096."""
     llama = {"layers": 1, "q_heads": 32, "kv_heads": 8, "head_dim": 128}
     return [
-        cache_case("flat_llama3_8b_4096", "flat", "llama-3-8b heads, prefill 4095 then decode", [append([0], 4095, attend=False),
-                   append([0], 1)], dtype="float16", batch=1, max_tokens=4096, record_state="last", **llama),
+        cache_case("flat_llama3_8b_4096", "flat", "llama-3-8b heads, prefill 4095 then decode",
+                   [append([0], 4095, attend=False), append([0], 1)], dtype="float16", batch=1, max_tokens=4096,
+                   record_state="last", **llama),
         cache_case("ring_llama3_8b_window_4096", "ring", "llama-3-8b heads, W = 4096: prefill 4095, decode 3 "
                    "across the wrap", [append([0], 4095, attend=False)] + decode([0], 3), dtype="float16", batch=1,
                    window=4096, record_state="last", **llama),

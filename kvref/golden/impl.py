@@ -127,26 +127,32 @@ class KvrefCache:
 
     # --- the other operations ------------------------------------------------------------------------------
     def crop(self, seq, max_length):
+        """Keep the first ``max_length`` tokens of ``seq`` (None: every sequence)."""
         self.cache.crop(max_length, seq)
         self.last_slots = None
 
     def reset(self, seq):
+        """Forget the tokens of ``seq`` (None: every sequence)."""
         self.cache.reset(seq)
         self.last_slots = None
 
     def fork(self, seq):
+        """A new sequence sharing the blocks of ``seq``; returns its id."""
         self.last_slots = None
         return self.cache.fork(seq)
 
     def add_sequence(self):
+        """Start an empty sequence; returns its id."""
         self.last_slots = None
         return self.cache.add_sequence()
 
     def release(self, seq):
+        """End ``seq``; its blocks go back to the pool."""
         self.cache.release(seq)
         self.last_slots = None
 
     def evict(self, seq, num_tokens):
+        """Evict exactly the ``num_tokens`` oldest held tokens of ``seq``."""
         self.cache.evict_tokens(seq, num_tokens)
         self.last_slots = None
 
@@ -160,6 +166,7 @@ class Kvref:
         self.name = f"kvref ({backend})"
 
     def open_cache(self, variant, config):
+        """A kvref cache of ``variant`` built from a case config."""
         return KvrefCache(variant, config, self.backend)
 
     def attention(self, q, k, v, q_positions, k_positions, scale, window, sinks):
@@ -197,7 +204,9 @@ class Kvref:
         return out[:, 0]
 
     def quantize(self, x, fmt):
+        """ggml blocks of float32 rows ``x`` (kvref.quant.quantize)."""
         return quant.quantize(np.asarray(x, np.float32), fmt, backend=self.backend)
 
     def dequantize(self, blocks, fmt, head_dim):
+        """float32 rows of ggml blocks (kvref.quant.dequantize)."""
         return quant.dequantize(blocks, fmt, (blocks.shape[0], head_dim), backend=self.backend)

@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +39,12 @@ class Check:
 
     @property
     def ok(self):
+        """True iff the tensor was compared and is within its tolerance."""
         return self.comparison is not None and self.comparison.ok
 
     @property
     def ratio(self):
+        """Worst error / tolerance (inf when the step could not run)."""
         return math.inf if self.comparison is None else self.comparison.ratio
 
 
@@ -57,12 +60,14 @@ class CaseResult:
 
     @property
     def status(self):
+        """"skip" (not supported), "ok" (every check passed) or "FAIL"."""
         if self.skipped:
             return "skip"
         return "ok" if self.checks and all(c.ok for c in self.checks) else "FAIL"
 
     @property
     def failures(self):
+        """The checks that failed."""
         return [c for c in self.checks if not c.ok]
 
 
@@ -98,6 +103,7 @@ def load_impl(spec):
 
 
 def describe(impl):
+    """The implementation's ``name`` attribute, else its class name."""
     return getattr(impl, "name", type(impl).__name__)
 
 
@@ -114,6 +120,7 @@ def compare_named(step, group, name, desc, actual, tensors, checks, transform=No
 
 
 def fail(step, tensor, message, checks):
+    """Record a check that could not be compared (the step raised, or an expected error did not come)."""
     checks.append(Check(step["name"], step["op"], tensor, None, message))
 
 
@@ -154,7 +161,8 @@ def check_kernel_case(impl, case, tensors, result):
             (name, desc), = step["expected"].items()
             compare_named(step, "expected", name, desc, actual, tensors, result.checks)
     if not result.checks:
-        result.skipped = "; ".join(result.not_provided)
+        missing = sorted({METHODS[step["op"]] for step in case["steps"]})
+        result.skipped = f"no method {', '.join(missing)}"
 
 
 def keeps_past_only(cache, case):
@@ -179,7 +187,7 @@ def check_cache_case(impl, case, tensors, result):
     opener = getattr(impl, "open_cache", None)
     cache = None if opener is None else opener(case["variant"], case["config"])
     if cache is None:
-        result.skipped = f"no cache for variant {case['variant']}" + (" (no open_cache)" if opener is None else "")
+        result.skipped = "no open_cache" if opener is None else f"open_cache gives no {case['variant']} cache"
         return
     missing = sorted({s["op"] for s in case["steps"] if not hasattr(cache, CACHE_OPS[s["op"]])})
     if missing:
@@ -194,8 +202,12 @@ def check_cache_case(impl, case, tensors, result):
             try:
                 out = cache.append(mapped, inputs["k"], inputs["v"], inputs.get("q"))
             except Exception as exc:
-                if step["error"]:
-                    out = None
+                if step["error"] and not isinstance(exc, NotImplementedError):
+                    out = None  # refused, as it must be: the state is compared below
+                elif step["error"]:
+                    fail(step, f"{step['name']}/op", "raised NotImplementedError, which is not a refusal (an "
+                         "implementation that cannot run a case says so with supports(case))", result.checks)
+                    return
                 else:
                     fail(step, f"{step['name']}/op", f"append raised {type(exc).__name__}: {exc}", result.checks)
                     return
@@ -226,6 +238,8 @@ def check_cache_case(impl, case, tensors, result):
 
 
 def check_state(cache, case, step, tensors, ids, result):
+    """Compare the logical content of each sequence the step records, then the physical layout the implementation
+    reports (the names it does not report are listed as not provided)."""
     transform = trim_to_past(case["config"]["window"]) if keeps_past_only(cache, case) else None
     seqs = sorted({int(name.split("/")[0][3:]) for name in step["logical"]})
     for s in seqs:
@@ -246,6 +260,16 @@ def check_state(cache, case, step, tensors, ids, result):
             result.not_provided.append(desc["tensor"])
 
 
+def declined(impl, case):
+    """Why ``impl`` declines ``case`` up front, or "" to run it. An implementation may have ``supports(case) ->
+    bool | str`` (case: the manifest's case dict): True runs the case; False, or a string saying why, skips it."""
+    supports = getattr(impl, "supports", None)
+    answer = True if supports is None else supports(case)
+    if answer is True:
+        return ""
+    return answer if isinstance(answer, str) and answer else "the implementation does not support it"
+
+
 def check_suite(folder, impl, names=None):
     """Check ``impl`` on every case of the suite in ``folder`` (or those ``names`` lists). Returns (manifest, list
     of CaseResult). Raises SuiteError for a broken suite (manifest, version or sha256)."""
@@ -254,11 +278,10 @@ def check_suite(folder, impl, names=None):
     results = []
     for case in cases:
         tensors = load_case(folder, case)
-        result = CaseResult(case["name"], case["kind"])
-        if case["kind"] == "cache":
-            check_cache_case(impl, case, tensors, result)
-        else:
-            check_kernel_case(impl, case, tensors, result)
+        result = CaseResult(case["name"], case["kind"], skipped=declined(impl, case))
+        if not result.skipped:
+            check = check_cache_case if case["kind"] == "cache" else check_kernel_case
+            check(impl, case, tensors, result)
         results.append(result)
     return manifest, results
 
@@ -270,6 +293,7 @@ def exit_status(results):
 
 
 def tolerance_text(comparison):
+    """The tolerance column: "exact" or "atol+rtol|e|"."""
     if comparison is None:
         return "-"
     if comparison.atol == 0 and comparison.rtol == 0:
@@ -281,9 +305,12 @@ def format_table(results, verbose=False, max_failures=8):
     """The result table: one row per case (and, with ``verbose``, one per tensor)."""
     lines = [f"{'case':38} {'op':16} {'tensor':34} {'max err':>10} {'tolerance':>15}  result"]
     lines.append("-" * len(lines[0]))
+    skipped = {}  # reason -> case names (one line per reason unless verbose)
     for r in results:
         if r.status == "skip":
-            lines.append(f"{r.name:38} {'-':16} {'-':34} {'-':>10} {'-':>15}  skip ({r.skipped})")
+            if verbose:
+                lines.append(f"{r.name:38} {'-':16} {'-':34} {'-':>10} {'-':>15}  skip ({r.skipped})")
+            skipped.setdefault(r.skipped, []).append(r.name)
             continue
         shown = r.failures[0] if r.failures else max(r.checks, key=lambda c: c.ratio)
         err = "-" if shown.comparison is None else f"{shown.comparison.max_abs:.3g}"
@@ -297,6 +324,10 @@ def format_table(results, verbose=False, max_failures=8):
             lines.append(f"    ... and {len(r.failures) - max_failures} more failing tensors in case {r.name}")
     ran = [r for r in results if r.status != "skip"]
     failed = [r for r in ran if r.status == "FAIL"]
+    if skipped and not verbose:
+        lines.append("")
+        for reason, names in skipped.items():
+            lines.extend(textwrap.wrap(f"skipped, {reason}: {', '.join(names)}", 120, subsequent_indent="    "))
     lines.append("")
     lines.append(f"{len(results)} cases: {len(ran) - len(failed)} ok, {len(failed)} FAIL, "
                  f"{len(results) - len(ran)} skipped (not supported by the implementation)")

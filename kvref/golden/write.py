@@ -31,6 +31,7 @@ class GoldenWriteError(AssertionError):
 
 
 def gguf_round_trip_available():
+    """True if the gguf package (the independent quantizer) can be imported."""
     try:
         import gguf.quants  # noqa: F401
     except ImportError:
@@ -49,6 +50,7 @@ def oracle_quantize(x, fmt):
 
 
 def oracle_dequantize(blocks, fmt, head_dim):
+    """float32 rows of ggml blocks by gguf (or by kvref when gguf is not installed)."""
     if gguf_round_trip_available():
         from gguf import GGMLQuantizationType, quants
 
@@ -58,6 +60,7 @@ def oracle_dequantize(blocks, fmt, head_dim):
 
 
 def expect(condition, case, step, what):
+    """Raise GoldenWriteError naming the case and step unless ``condition``."""
     if not condition:
         raise GoldenWriteError(f"case {case.name}, {step}: {what}")
 
@@ -71,6 +74,7 @@ class Recorder:
         self.steps = []
 
     def step(self, op, args):
+        """Start the manifest entry of the next step."""
         entry = {"name": f"step{len(self.steps):02d}", "op": op, "args": args, "error": None, "inputs": {},
                  "expected": {}, "logical": {}, "physical": {}}
         self.steps.append(entry)
@@ -91,6 +95,7 @@ class Recorder:
         return array
 
     def manifest_entry(self, file_name, digest, expected_from):
+        """The case's entry in manifest.json."""
         case = self.case
         return {"name": case.name, "kind": case.kind, "variant": case.variant, "description": case.description,
                 "config": case.config, "file": file_name, "sha256": digest, "expected_from": expected_from,
@@ -112,6 +117,7 @@ class History:
         self.rows = {s: {} for s in range(case.config.get("batch", 1))}  # seq -> {position: (k, v)}
 
     def length(self, seq):
+        """Tokens fed to ``seq`` (its length L)."""
         return len(self.rows[seq])
 
     def feed(self, seq, k, v):
@@ -121,6 +127,7 @@ class History:
             self.rows[seq][start + t] = (np.asarray(k[:, t], np.float64), np.asarray(v[:, t], np.float64))
 
     def apply(self, op, args):
+        """Apply a non-append op (crop, reset, fork, add_sequence, release) to the history."""
         if op == "crop":
             for s in (self.rows if args["seq"] is None else [args["seq"]]):
                 length = self.length(s)
@@ -183,15 +190,18 @@ class History:
 # Recording each kind of case
 # ---------------------------------------------------------------------------------------------------------------
 def live_sequences(cache):
+    """Ids of the sequences a cache holds (pooled: the live ones)."""
     inner = cache.cache
     return inner.live_sequences() if hasattr(inner, "live_sequences") else list(range(inner.batch))
 
 
 def snapshot(cache):
+    """Logical content of every sequence plus the physical layout."""
     return {s: cache.read(s) for s in live_sequences(cache)}, cache.physical()
 
 
 def same_snapshot(a, b):
+    """True iff two snapshots are equal (the slots of the last step aside)."""
     (la, pa), (lb, pb) = a, b
     if la.keys() != lb.keys() or pa.keys() - {"slot_mapping", "step_slots"} != pb.keys() - {"slot_mapping",
                                                                                              "step_slots"}:
@@ -235,6 +245,7 @@ def first_positions(cache):
 
 
 def record_cache_case(case, impl, rng):
+    """Replay a cache case through the spec, cross-check every step, record inputs, outputs and state."""
     rec = Recorder(case)
     c = case.config
     cache = impl.open_cache(case.variant, c)
@@ -322,6 +333,7 @@ def quant_inputs(rng, head_dim):
 
 
 def record_quant_case(case, impl, rng):
+    """Quantize the QUANT_ROWS and dequantize the blocks; both checked against gguf."""
     rec = Recorder(case)
     fmt, head_dim = case.config["format"], case.config["head_dim"]
     x = quant_inputs(rng, head_dim)
@@ -340,6 +352,7 @@ def record_quant_case(case, impl, rng):
 
 
 def record_attention_case(case, impl, rng):
+    """One dense attention call, checked against the float64 reference."""
     rec = Recorder(case)
     c = case.config
     (op, args), = case.ops
@@ -410,14 +423,15 @@ def build_suite(size="default", progress=None):
     """Every case of the suite recorded: returns (manifest dict, {file name: bytes})."""
     backend = "python" if size == "default" else "cpu"
     impl = Kvref(backend)
+    source = {"python": "kvref python backend (the spec)",
+              "cpu": "kvref cpu backend (the spec compiled by numba)"}[backend]
     files, entries = {}, []
     for case in all_cases(size):
         rec = RECORDERS[case.kind](case, impl, np.random.default_rng(seed_of(case.name)))
         data = case_bytes(rec.tensors)
         file_name = f"{case.name}.safetensors"
         files[file_name] = data
-        entries.append(rec.manifest_entry(file_name, hashlib.sha256(data).hexdigest(),
-                                          f"kvref {backend} backend (the spec{' compiled by numba' * (backend != 'python')})"))
+        entries.append(rec.manifest_entry(file_name, hashlib.sha256(data).hexdigest(), source))
         if progress is not None:
             progress(case.name)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kvref_version": __version__, "suite": size,

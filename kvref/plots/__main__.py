@@ -54,6 +54,16 @@ SEEDS_NOTE = (
     "and where a figure or notebook says \"seed 00N\" it shows that defect next to kvref's behaviour.</p>")
 
 
+#: where a kernel author goes next (index.html)
+GOLDEN_NOTE = (
+    "<p><b>Check your own kernel or cache against kvref.</b> The same spec that draws these figures writes the "
+    "golden suite <code>golden/v1/</code> (safetensors + <code>manifest.json</code>: cache management of every "
+    "variant step by step, dense and paged attention, ggml quantization), readable from any language. Run "
+    "<code>python -m kvref.golden check golden/v1 --impl your_module:YourImpl</code>: see the README section "
+    "<a href='../README.md#check-your-kernel-against-kvref'>Check your kernel against kvref</a> and the format in "
+    "<a href='../docs/golden-format.md'>docs/golden-format.md</a>.</p>")
+
+
 def parse_args(argv):
     """The command line (plain-text help: python -m kvref.plots --help)."""
     parser = argparse.ArgumentParser(prog="python -m kvref.plots", description=__doc__,
@@ -176,6 +186,7 @@ def write_index(out_dir, checks, timings, counts, timings_log, total_s, quick, q
         "by a function of <code>kvref.plots</code> (one module per cache variant), the same one the notebooks "
         "call.</p>",
         SEEDS_NOTE,
+        GOLDEN_NOTE,
         "<h2>Contents</h2><ul>" + "".join(toc) + "</ul>",
     ]
 
