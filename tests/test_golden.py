@@ -22,10 +22,10 @@ from kvref.golden.__main__ import main
 from kvref.golden.cases import all_cases
 from kvref.golden.impl import Kvref
 from kvref.golden.run import check_suite, exit_status, format_table
-from kvref.golden.write import GoldenWriteError, build_suite
+from kvref.golden.write import SUITE_VERSION, GoldenWriteError, build_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE = ROOT / "golden" / "v1"
+SUITE = ROOT / "golden" / f"v{SUITE_VERSION}"
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,13 @@ def test_committed_suite_equals_a_fresh_write(fresh):
     """A change to the spec that moves any expected value fails here: write a new suite version instead
     (golden/v2), never overwrite v1 silently."""
     committed = {p.name for p in SUITE.iterdir()}
-    assert committed == set(fresh[1]), "files added to or missing from golden/v1"
+    assert committed == set(fresh[1]), f"files added to or missing from {SUITE.name}"
+    assert json.loads(fresh[1]["manifest.json"])["suite_version"] == SUITE_VERSION
     for name, data in fresh[1].items():
-        assert (SUITE / name).read_bytes() == data, f"golden/v1/{name} differs from what the spec writes now"
+        assert (SUITE / name).read_bytes() == data, (
+            f"{SUITE.name}/{name} differs from what the spec writes now: if the change is meant, bump SUITE_VERSION in "
+            f"kvref/golden/write.py and commit the new suite (python -m kvref.golden write golden/v"
+            f"{SUITE_VERSION + 1})")
 
 
 def test_suite_is_small_and_covers_every_kind_and_variant():
@@ -306,3 +310,20 @@ def test_compare_accepts_torch_tensors():
             return t.__dlpack_device__()
 
     assert np.array_equal(as_numpy(DLPackOnly()), t.numpy())
+
+
+def test_large_suite_adds_realistic_shapes_and_records_them():
+    """``write DIR --size large`` (not committed, ~200 MB) adds llama-3-8b shapes; its expected values come from the
+    compiled spec and are cross-checked like the default suite's. Recorded here: the n = 4096 decode attention."""
+    from kvref.golden.cases import seed_of
+    from kvref.golden.write import RECORDERS
+
+    large = {c.name: c for c in all_cases("large")}
+    assert set(large) - {c.name for c in all_cases()} == {
+        "attention_llama3_8b_decode_4096", "flat_llama3_8b_4096", "ring_llama3_8b_window_4096"}
+    case = large["attention_llama3_8b_decode_4096"]
+    rec = RECORDERS[case.kind](case, Kvref("cpu"), np.random.default_rng(seed_of(case.name)))  # cross-checked
+    assert rec.tensors["step00/input/k"].shape == (4096, 8, 128)
+    assert rec.tensors["step00/expected/out"].shape == (1, 32, 128)
+    with pytest.raises(ValueError, match="size"):
+        all_cases("huge")

@@ -164,20 +164,20 @@ class Kvref:
     def __init__(self, backend="cpu"):
         self.backend = backend
         self.name = f"kvref ({backend})"
+        if backend == "cuda":
+            self.attention = None  # kvref has no dense CUDA kernel: the dense attention cases are skipped
 
     def open_cache(self, variant, config):
         """A kvref cache of ``variant`` built from a case config."""
         return KvrefCache(variant, config, self.backend)
 
     def attention(self, q, k, v, q_positions, k_positions, scale, window, sinks):
-        """Dense attention through the spec's ``attend_gathered_tokens`` (compiled on cpu; the host runs it for
-        cuda, which has no dense kernel)."""
+        """Dense attention through the spec's ``attend_gathered_tokens`` (python, or its njit twin on cpu)."""
         keys = token_major(np.asarray(k, np.float32))[None]  # (1, Hkv, n, D): token_major swaps back
         values = token_major(np.asarray(v, np.float32))[None]
         out = np.zeros((1,) + q.shape, np.float32)
-        run = attend_gathered_tokens
-        if self.backend != "python":
-            run = backend_ops("two_tier", "cpu").attend_materialized_tokens
+        run = attend_gathered_tokens if self.backend == "python" else backend_ops(
+            "two_tier", "cpu").attend_materialized_tokens
         run(keys, values, np.asarray(k_positions, np.int64)[None], np.asarray(q_positions, np.int64)[None],
             int(window), int(sinks), np.asarray(q, np.float32)[None], np.float32(scale), out)
         return out[0]

@@ -20,6 +20,10 @@ from .cases import OUT_TOLERANCE, all_cases, seed_of
 from .format import FORMAT, FORMAT_VERSION, case_bytes, manifest_bytes
 from .impl import Kvref
 
+#: the version of the suite's content: the committed suite is golden/v<SUITE_VERSION>. A change to kvref that moves
+#: any expected value bumps it and commits a new folder (tests/test_golden.py fails until then); a change to the file
+#: layout bumps FORMAT_VERSION (kvref/golden/format.py) instead
+SUITE_VERSION = 1
 #: the largest |spec - float64 reference| the writer accepts (the spec computes in float32)
 WRITE_TOLERANCE = 2e-5
 #: tolerance of two-tier logical K/V (dequantized store): ggml's d * q (+ m), maybe fused into one FMA
@@ -221,6 +225,13 @@ def record_state(rec, entry, cache, history, first_held):
         expect(positions.tolist() == rule, case, entry["name"],
                f"sequence {s} holds {positions.tolist()}, the rule says {rule}")
         tiers = physical["tiers"][s] if case.variant == "two_tier" else None
+        if tiers is not None:  # the store's raw bytes: exactly ggml's (gguf's) quantization of the rows fed
+            for kv, name in enumerate(("store_k", "store_v")):
+                for i, p in enumerate(range(tiers[0], tiers[1])):
+                    row = history.rows[s][p][kv]  # (layers, Hkv, D) as fed
+                    want = oracle_quantize(row.reshape(-1, c["head_dim"]), c["store_format"])
+                    expect(np.array_equal(physical[f"seq{s}/{name}"][:, i], want.reshape(row.shape[:2] + (-1,))),
+                           case, entry["name"], f"sequence {s} position {p}: {name} bytes differ from ggml's")
         for i, p in enumerate(positions.tolist()):
             want_k, want_v = history.stored_value(s, p, tiers)
             expect(np.allclose(k[:, i], want_k, atol=1e-6, rtol=1e-6) and np.allclose(v[:, i], want_v, atol=1e-6,
@@ -435,6 +446,7 @@ def build_suite(size="default", progress=None):
         if progress is not None:
             progress(case.name)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kvref_version": __version__, "suite": size,
+                "suite_version": SUITE_VERSION,
                 "tolerance_rule": "|actual - expected| <= atol + rtol * |expected|, element by element",
                 "cases": entries}
     files["manifest.json"] = manifest_bytes(manifest)
