@@ -424,9 +424,10 @@ def compare(actual, expected, name="tensor", atol=0.0, rtol=0.0, mask=None, n_wo
     with np.errstate(all="ignore"):  # inf and NaN are handled below, element by element
         error = np.where(keep, np.abs(a - e), 0.0)
         error[keep & ~np.isfinite(a) & np.isfinite(e)] = np.inf
-        same_special = keep & ~np.isfinite(e) & (a == e)  # an expected inf matched exactly
+        same_special = keep & ~np.isfinite(e) & ((a == e) | (np.isnan(a) & np.isnan(e)))  # inf or NaN matched
         error[same_special] = 0.0
-        allowed = atol + rtol * np.abs(e)
+        error[keep & np.isnan(e) & ~np.isnan(a)] = np.inf  # an expected NaN is matched only by a NaN
+        allowed = np.where(np.isnan(e), 0.0, atol + rtol * np.abs(e))
         ratio = np.where(error == 0, 0.0, error / allowed)
         relative = np.where(keep & (e != 0), error / np.abs(e), 0.0)
     ratio[~keep] = 0.0

@@ -327,3 +327,44 @@ def test_large_suite_adds_realistic_shapes_and_records_them():
     assert rec.tensors["step00/expected/out"].shape == (1, 32, 128)
     with pytest.raises(ValueError, match="size"):
         all_cases("huge")
+
+
+def test_an_implementation_that_raises_outside_a_step_fails_that_case_only():
+    class Exploding:
+        def open_cache(self, variant, config):
+            raise RuntimeError("no GPU here")
+
+        def quantize(self, x, fmt):
+            return Kvref("python").quantize(x, fmt)
+
+    _, results = check_suite(SUITE, Exploding(), names=["ring_wrap", "quant_q8_0"])
+    assert [r.status for r in results] == ["FAIL", "ok"]
+    assert "raised RuntimeError: no GPU here" in format_table(results)
+
+
+def test_supports_runs_on_any_true_value_and_skips_with_its_reason():
+    class Picky(Kvref):
+        def supports(self, case):
+            return np.True_ if case["name"] == "quant_q4_0" else "only q4_0 here"
+
+    _, results = check_suite(SUITE, Picky("python"), names=["quant_q4_0", "quant_q8_0"])
+    assert [r.status for r in results] == ["ok", "skip"] and results[1].skipped == "only q4_0 here"
+
+
+def test_an_unknown_case_name_is_refused(capsys):
+    with pytest.raises(SuiteError, match="no case 'ring_warp'"):
+        check_suite(SUITE, Kvref("python"), names=["ring_warp"])
+    assert main(["check", str(SUITE), "--impl", "kvref.golden.impl:Kvref", "--case", "ring_warp"]) == 2
+
+
+def test_a_refused_step_records_no_slots():
+    manifest = read_manifest(SUITE)
+    case = next(c for c in manifest["cases"] if c["name"] == "pooled_exhaustion")
+    refused, after = case["steps"][1], case["steps"][2]
+    assert refused["error"] == "PoolExhaustedError" and "slot_mapping" not in refused["physical"]
+    assert "slot_mapping" in after["physical"] and "slot_mapping" in case["steps"][0]["physical"]
+
+
+def test_compare_matches_an_expected_nan_only_with_a_nan():
+    assert compare(np.array([np.nan]), np.array([np.nan]), "x").ok
+    assert not compare(np.array([1.0]), np.array([np.nan]), "x", 1e9, 1e9).ok

@@ -74,8 +74,8 @@ def cmd_show(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kvref.golden", description=__doc__.split("\n")[0],
-                                     epilog="See docs/golden-format.md.")
+    parser = argparse.ArgumentParser(prog="python -m kvref.golden", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("write", help="write a suite into DIR")
     p.add_argument("dir")

@@ -202,7 +202,7 @@ def attention_cases(large=False):
 
 def paged_cases():
     """Paged attention over a real pooled cache's FlashInfer page table (forks, copy-on-write, reuse)."""
-    config = {"layers": 1, "q_heads": 4, "kv_heads": 2, "head_dim": 32, "dtype": "float32", "scale": 32 ** -0.5,
+    config = {"layers": 1, "q_heads": 4, "kv_heads": 2, "head_dim": 32, "dtype": "float32", "scale": 1.0 / 32 ** 0.5,
               "num_blocks": 12, "block_size": 4, "batch": 3, "max_seqs": 4}
     history = [append([0, 1, 2], 5), append([1], 3), ("fork", {"seq": 1, "child": 3}), append([2, 3], 2),
                ("release", {"seq": 0}), append([1], 5)]

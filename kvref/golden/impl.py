@@ -65,6 +65,7 @@ class KvrefCache:
         """One step: plan, then per layer write and attend, then advance. Returns out (layers, n, T, q_heads, D),
         or None when ``q`` is None (a step without queries)."""
         cache = self.cache
+        self.last_slots = None  # a refused step has no slots
         step = cache.plan(k.shape[2], seq_ids)
         out = None if q is None else np.empty(q.shape, np.float32)
         for layer in range(self.shape.layers):

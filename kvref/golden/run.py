@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..check import compare
-from .format import load_case, read_manifest
+from .format import find_case, load_case, read_manifest
 
 #: the method each kind of step calls (a cache case needs ``open_cache`` and, on its cache, the op's method)
 METHODS = {"attention": "attention", "paged_attention": "paged_attention", "quantize": "quantize",
@@ -265,7 +265,7 @@ def declined(impl, case):
     bool | str`` (case: the manifest's case dict): True runs the case; False, or a string saying why, skips it."""
     supports = getattr(impl, "supports", None)
     answer = True if supports is None else supports(case)
-    if answer is True:
+    if not isinstance(answer, str) and answer:  # True, 1, np.True_: run it
         return ""
     return answer if isinstance(answer, str) and answer else "the implementation does not support it"
 
@@ -274,14 +274,19 @@ def check_suite(folder, impl, names=None):
     """Check ``impl`` on every case of the suite in ``folder`` (or those ``names`` lists). Returns (manifest, list
     of CaseResult). Raises SuiteError for a broken suite (manifest, version or sha256)."""
     manifest = read_manifest(folder)
-    cases = manifest["cases"] if not names else [c for c in manifest["cases"] if c["name"] in names]
+    cases = manifest["cases"] if not names else [find_case(manifest, name) for name in names]
     results = []
     for case in cases:
         tensors = load_case(folder, case)
-        result = CaseResult(case["name"], case["kind"], skipped=declined(impl, case))
-        if not result.skipped:
-            check = check_cache_case if case["kind"] == "cache" else check_kernel_case
-            check(impl, case, tensors, result)
+        result = CaseResult(case["name"], case["kind"])
+        try:  # whatever the implementation raises outside a step (supports, open_cache, physical) fails the case
+            result.skipped = declined(impl, case)
+            if not result.skipped:
+                check = check_cache_case if case["kind"] == "cache" else check_kernel_case
+                check(impl, case, tensors, result)
+        except Exception as exc:
+            result.skipped = ""
+            result.checks.append(Check("-", case["kind"], "-", None, f"raised {type(exc).__name__}: {exc}"))
         results.append(result)
     return manifest, results
 

@@ -205,13 +205,12 @@ def snapshot(cache):
 
 
 def same_snapshot(a, b):
-    """True iff two snapshots are equal (the slots of the last step aside)."""
+    """True iff two snapshots are equal (the slots of a step aside: they describe the step, not the state)."""
     (la, pa), (lb, pb) = a, b
-    if la.keys() != lb.keys() or pa.keys() - {"slot_mapping", "step_slots"} != pb.keys() - {"slot_mapping",
-                                                                                             "step_slots"}:
-        return False
-    return all(all(np.array_equal(x, y) for x, y in zip(la[s], lb[s])) for s in la) and all(
-        np.array_equal(pa[n], pb[n]) for n in pa if n in pb and n not in ("slot_mapping", "step_slots"))
+    pa, pb = ({n: x for n, x in p.items() if n not in ("slot_mapping", "step_slots")} for p in (pa, pb))
+    return la.keys() == lb.keys() and pa.keys() == pb.keys() and all(
+        all(np.array_equal(x, y) for x, y in zip(la[s], lb[s])) for s in la) and all(
+        np.array_equal(pa[n], pb[n]) for n in pa)
 
 
 def record_state(rec, entry, cache, history, first_held):
