@@ -19,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 from kvref.check import compare
 from kvref.golden import FORMAT, FORMAT_VERSION, SuiteError, load_case, read_manifest
 from kvref.golden.__main__ import main
+from kvref.golden.format import manifest_bytes
 from kvref.golden.cases import all_cases
 from kvref.golden.impl import Kvref
 from kvref.golden.run import check_suite, exit_status, format_table
@@ -49,8 +50,13 @@ def test_committed_suite_equals_a_fresh_write(fresh):
     (golden/v2), never overwrite v1 silently."""
     committed = {p.name for p in SUITE.iterdir()}
     assert committed == set(fresh[1]), f"files added to or missing from {SUITE.name}"
-    assert json.loads(fresh[1]["manifest.json"])["suite_version"] == SUITE_VERSION
-    for name, data in fresh[1].items():
+    manifest = json.loads(fresh[1]["manifest.json"])
+    assert manifest["suite_version"] == SUITE_VERSION
+    # the version of kvref that wrote the suite is information, not content: a release that moves no expected value
+    # keeps the committed suite (its manifest names the version that wrote it)
+    manifest["kvref_version"] = json.loads((SUITE / "manifest.json").read_text())["kvref_version"]
+    fresh = {**fresh[1], "manifest.json": manifest_bytes(manifest)}
+    for name, data in fresh.items():
         assert (SUITE / name).read_bytes() == data, (
             f"{SUITE.name}/{name} differs from what the spec writes now: if the change is meant, bump SUITE_VERSION in "
             f"kvref/golden/write.py and commit the new suite (python -m kvref.golden write golden/v"
@@ -126,6 +132,51 @@ def test_writer_refuses_a_spec_that_disagrees_with_the_reference(monkeypatch):
     monkeypatch.setattr(Kvref, "attention", off)
     with pytest.raises(GoldenWriteError, match="attention_decode_g1"):
         build_suite()
+
+
+@pytest.mark.parametrize("case_name, tensor, corrupt", [
+    ("flat_crop_reset", "lengths", lambda a: a + 1),
+    ("ring_wrap", "slot_positions", lambda a: a[..., ::-1].copy()),
+    ("ring_wrap", "k_slots", lambda a: a + np.float32(1)),
+    ("ring_prefill_longer_than_window", "step_slots", lambda a: np.abs(a)),
+    ("two_tier_migration_q8_0", "tiers", lambda a: a + np.array([0, 1, 0])),
+    ("two_tier_migration_q4_0_f16", "seq1/store_v", lambda a: a ^ np.uint8(16)),
+    ("pooled_block_boundaries", "block_tables", lambda a: a[:, ::-1].copy()),
+    ("pooled_block_boundaries", "slot_mapping", lambda a: a + 1),
+    ("pooled_fork_copy_on_write", "ref_counts", lambda a: a + 1),
+    ("pooled_release_reuse", "free_queue", lambda a: a[1:]),
+    ("pooled_eviction", "kv_indices", lambda a: np.roll(a, 1)),
+    ("pooled_eviction", "kv_last_page_len", lambda a: a - 1),
+], ids=lambda p: p if isinstance(p, str) else "")
+def test_writer_refuses_a_physical_layout_that_breaks_the_rules(monkeypatch, case_name, tensor, corrupt):
+    """The recorded physical layout is checked against each variant's rules restated in kvref/golden/crosscheck.py,
+    not taken on the spec's word: a corrupted layout makes the writer raise."""
+    from kvref.golden.impl import KvrefCache
+    from kvref.golden.write import RECORDERS
+
+    original = KvrefCache.physical
+
+    def corrupted(self):
+        layout = original(self)
+        if tensor in layout and layout[tensor].size:
+            layout[tensor] = corrupt(layout[tensor])
+        return layout
+
+    monkeypatch.setattr(KvrefCache, "physical", corrupted)
+    case = next(c for c in all_cases() if c.name == case_name)
+    with pytest.raises(GoldenWriteError, match=case_name):
+        RECORDERS[case.kind](case, Kvref("python"), np.random.default_rng(0))
+
+
+def test_record_state_last_records_the_state_after_the_last_step_only():
+    from kvref.golden.cases import append, cache_case
+    from kvref.golden.write import record_cache_case
+
+    case = cache_case("tiny", "flat", "two appends", [append([0], 2), append([0], 1)], batch=1, max_tokens=4,
+                      record_state="last")
+    rec = record_cache_case(case, Kvref("python"), np.random.default_rng(0))
+    assert not [n for n in rec.tensors if n.startswith("step00/state/")]
+    assert rec.tensors["step01/state/seq0/positions"].tolist() == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,8 +265,8 @@ def test_a_changed_file_fails_its_sha256(tmp_path, capsys):
     assert "sha256" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field, value, message", [("format_version", 99, "format_version 99"),
-                                                    ("format", "other", "format 'other'")])
+@pytest.mark.parametrize("field, value, message", [("format_version", 99, "format_version: expected 1 .*, got 99"),
+                                                    ("format", "other", "format: expected 'kvref-golden', got 'other'")])
 def test_a_manifest_of_another_version_or_format_is_refused(tmp_path, capsys, field, value, message):
     suite = copy_suite(tmp_path)
     manifest = json.loads((suite / "manifest.json").read_text())
@@ -228,7 +279,7 @@ def test_a_manifest_of_another_version_or_format_is_refused(tmp_path, capsys, fi
 
 def test_a_missing_suite_or_impl_is_a_clear_error(tmp_path, capsys):
     assert main(["check", str(tmp_path), "--impl", "kvref.golden.impl:Kvref"]) == 2
-    assert "cannot read the manifest" in capsys.readouterr().err
+    assert "manifest.json: expected a readable JSON manifest" in capsys.readouterr().err
     assert main(["check", str(SUITE), "--impl", "no_such_module:X"]) == 2
     assert "cannot load --impl" in capsys.readouterr().err
 
@@ -352,7 +403,7 @@ def test_supports_runs_on_any_true_value_and_skips_with_its_reason():
 
 
 def test_an_unknown_case_name_is_refused(capsys):
-    with pytest.raises(SuiteError, match="no case 'ring_warp'"):
+    with pytest.raises(SuiteError, match="case: expected one of .*ring_wrap.*, got 'ring_warp'"):
         check_suite(SUITE, Kvref("python"), names=["ring_warp"])
     assert main(["check", str(SUITE), "--impl", "kvref.golden.impl:Kvref", "--case", "ring_warp"]) == 2
 

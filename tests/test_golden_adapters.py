@@ -14,7 +14,7 @@ from kvref.golden.run import check_suite, exit_status, format_table
 
 SUITE = Path(__file__).resolve().parents[1] / "golden" / "v1"
 ATTENTION = ["attention_decode_g1", "attention_decode_g4_f16", "attention_decode_g8", "attention_chunked_prefill_g4",
-             "attention_window", "attention_window_sinks", "attention_ring_order"]
+             "attention_window", "attention_window_sinks", "attention_ring_order", "attention_positions_from_100"]
 PAGED = ["paged_decode_after_fork_and_reuse", "paged_decode_f16"]
 QUANT = [f"quant_{fmt}" for fmt in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")]
 FLAT = ["flat_prefill_decode_mha", "flat_prefill_decode_gqa_f16", "flat_crop_reset", "flat_whole_batch",
@@ -82,7 +82,9 @@ def test_hf_cache_layers_pass_the_cases_they_support():
 
 
 def test_hf_flat_layers_match_kvref_on_whole_batch_steps(rng):
-    """No golden flat case is whole-batch only, so the DynamicLayer path is checked against kvref directly."""
+    """The DynamicLayer path against kvref directly, on more whole-batch steps than the one golden flat case that HF
+    layers can run (flat_whole_batch): appends in both row orders, crops by a positive and a negative length,
+    a reset."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from kvref.golden.adapters import HFCacheLayers
@@ -130,6 +132,8 @@ def test_supports_hook_skips_with_its_reason():
 @pytest.mark.parametrize("impl, names, failing", [
     (broken.WindowOffByOne, ATTENTION, {"attention_window": "step00/expected/out",
                                         "attention_window_sinks": "step00/expected/out"}),
+    (broken.IgnoresPositions, ATTENTION, {"attention_ring_order": "step00/expected/out",
+                                          "attention_positions_from_100": "step00/expected/out"}),
     (broken.WrongNibbleOrder, QUANT, {f"quant_{f}": "step00/expected/blocks" for f in ("q4_0", "q4_1", "q5_0", "q5_1")}
      | {"quant_q4_0": "step01/expected/x"}),
     (broken.BlockTableOffByOne, PAGED + ["pooled_block_boundaries", "pooled_fork_copy_on_write"],

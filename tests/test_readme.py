@@ -54,4 +54,4 @@ def test_golden_section_commands_run_as_written(capsys, monkeypatch):
     for command in commands:
         assert main(shlex.split(command)[3:]) == 0, command
     out = capsys.readouterr().out
-    assert "attention_window" in out and "33 cases: 7 ok, 0 FAIL, 26 skipped" in out
+    assert "attention_window" in out and "34 cases: 8 ok, 0 FAIL, 26 skipped" in out

@@ -1,7 +1,7 @@
 """kvref's cuda backend against the committed golden suite (golden/v1): the check a kernel author runs with
 ``python -m kvref.golden check golden/v1 --impl ...``, here with kvref's own CUDA kernels (in the simulator in CI,
 about 25 s for the whole suite; on a GPU with KVREF_CUDA=gpu). kvref has no dense-attention CUDA kernel, so the
-seven dense attention cases are skipped; every cache, paged-attention and quantization case must pass.
+dense attention cases are skipped; every cache, paged-attention and quantization case must pass.
 """
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """python -m kvref.golden write|check|list|show: the golden suite from the command line.
 
-  write DIR [--size default|large]     write a suite (the committed one is golden/v1, size default)
+  write DIR [--size default|large]     write a suite (the committed one is golden/v1, size default); needs gguf
+        [--no-gguf]                    for the independent check of quantized bytes, unless --no-gguf
   check DIR --impl module:object       check an implementation; exit 0 only if every case it supports passes
         [--case NAME ...] [--verbose]  (1: a failure, or no case ran; 2: a broken suite or a bad --impl)
   list DIR                             one line per case: kind, variant, steps, description
@@ -18,9 +19,14 @@ from .format import SuiteError, find_case, load_case, read_manifest
 
 
 def cmd_write(args):
-    from .write import cross_check_note, write_suite
+    from .write import GoldenWriteError, cross_check_note, write_suite
 
-    manifest = write_suite(args.dir, args.size, progress=lambda name: print(f"  wrote {name}", flush=True))
+    try:
+        manifest = write_suite(args.dir, args.size, lambda name: print(f"  wrote {name}", flush=True),
+                               require_gguf=not args.no_gguf)
+    except GoldenWriteError as exc:
+        print(f"not written: {exc}", file=sys.stderr)
+        return 1
     print(f"{len(manifest['cases'])} cases in {args.dir} (format {manifest['format']} "
           f"{manifest['format_version']}, kvref {manifest['kvref_version']}); {cross_check_note()}")
     return 0
@@ -80,6 +86,8 @@ def main(argv=None):
     p = sub.add_parser("write", help="write a suite into DIR")
     p.add_argument("dir")
     p.add_argument("--size", choices=("default", "large"), default="default")
+    p.add_argument("--no-gguf", action="store_true", help="write without the gguf package (quantized bytes then "
+                   "checked against kvref's own quantizer only)")
     p.set_defaults(run=cmd_write)
     p = sub.add_parser("check", help="check an implementation against the suite in DIR")
     p.add_argument("dir")

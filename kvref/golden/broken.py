@@ -6,11 +6,11 @@ case, the step and the tensor.
 
 import numpy as np
 
+from .. import quant
 from .impl import KvrefCache, Kvref
 
-#: where the 16 bytes of 4-bit quants start in a block of each nibble format (32 elements per block): after
-#: fp16 d (q4_0); d, m (q4_1); d, 4 bytes of high bits qh (q5_0); d, m, qh (q5_1)
-QS_OFFSET = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}
+#: the nibble formats: 16 bytes of 4-bit quants per block of 32 (q8_0 holds whole bytes and has no nibbles)
+NIBBLE_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1")
 
 
 class WindowOffByOne:
@@ -27,13 +27,30 @@ class WindowOffByOne:
         return self.spec.attention(q, k, v, q_positions, k_positions, scale, window + 1 if window else 0, sinks)
 
 
+class IgnoresPositions:
+    """Defect: dense attention that trusts the row order instead of ``k_positions`` and ``q_positions`` (keys taken
+    as positions 0 .. n-1, queries as the last T): right for a flat cache, wrong for a wrapped ring or a cache that
+    no longer starts at position 0."""
+
+    name = "broken: ignores positions"
+
+    def __init__(self):
+        self.spec = Kvref("python")
+
+    def attention(self, q, k, v, q_positions, k_positions, scale, window, sinks):
+        """The spec's attention with positions made up from the row indices."""
+        n, t = k.shape[0], q.shape[0]
+        return self.spec.attention(q, k, v, np.arange(n - t, n), np.arange(n), scale, window, sinks)
+
+
 def swap_nibbles(blocks, fmt):
-    """The blocks with the two nibbles of every quant byte swapped (element j high, j + 16 low); q8_0 unchanged."""
-    if fmt not in QS_OFFSET:
+    """The blocks with the two nibbles of every quant byte swapped (element j high, j + 16 low); q8_0 unchanged.
+    Where the quant bytes start in a block, and the block's size, come from :func:`kvref.quant.layout`."""
+    if fmt not in NIBBLE_FORMATS:
         return blocks
-    size = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}[fmt]
+    _, _, qs_offset, size = quant.layout(quant.GGML_TYPES[fmt])
     out = np.array(blocks, np.uint8).reshape(blocks.shape[0], -1, size)
-    qs = out[:, :, QS_OFFSET[fmt]:]
+    qs = out[:, :, qs_offset:]
     qs[...] = (qs >> 4) | (qs << 4)
     return out.reshape(blocks.shape)
 

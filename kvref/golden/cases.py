@@ -190,8 +190,12 @@ def attention_cases(large=False):
                        kv_heads=2, window=8),
         attention_case("attention_window_sinks", "W = 8 with S = 2 sinks, a chunk of 4 queries", 30, 4, kv_heads=2,
                        window=8, sinks=2),
-        attention_case("attention_ring_order", "keys in a wrapped ring's slot order (positions not sorted), W = 8",
-                       8, 1, kv_heads=2, window=8, key_order="ring"),
+        attention_case("attention_ring_order", "keys in a wrapped ring's slot order (positions 16 .. 20, 13 .. 15), "
+                       "3 queries at 18, 19, 20: which keys each sees depends on k_positions", 8, 3, kv_heads=2,
+                       window=8, key_order="ring"),
+        attention_case("attention_positions_from_100", "keys at positions 100 .. 139 (a row index is not a "
+                       "position): W = 16 with S = 2 sinks, which are positions 0 and 1, not rows 0 and 1; 4 queries",
+                       40, 4, kv_heads=2, window=16, sinks=2, key_order="from_100"),
     ]
     if large:
         cases.append(attention_case("attention_llama3_8b_decode_4096", "llama-3-8b heads (32 q, 8 KV, D = 128), "

@@ -30,10 +30,8 @@ SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "int64": "I64", "int32
 
 
 class SuiteError(KVCacheError):
-    """A suite folder that cannot be checked: missing or unreadable file, wrong format or version, wrong sha256."""
-
-    def __init__(self, message):
-        Exception.__init__(self, message)
+    """A suite folder that cannot be checked: missing or unreadable file, wrong format or version, wrong sha256, a
+    case name it does not have. Names the file (or argument), the expected and the actual value."""
 
 
 def sha256_file(path):
@@ -63,12 +61,12 @@ def read_manifest(folder):
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise SuiteError(f"{path}: cannot read the manifest ({exc})") from None
+        raise SuiteError(str(path), "a readable JSON manifest", f"{type(exc).__name__}: {exc}") from None
     if manifest.get("format") != FORMAT:
-        raise SuiteError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise SuiteError(f"{path} format", repr(FORMAT), repr(manifest.get("format")))
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise SuiteError(f"{path}: format_version {manifest.get('format_version')!r}, this checker reads "
-                         f"{FORMAT_VERSION}")
+        raise SuiteError(f"{path} format_version", f"{FORMAT_VERSION} (the version this checker reads)",
+                         repr(manifest.get("format_version")))
     return manifest
 
 
@@ -77,7 +75,7 @@ def find_case(manifest, name):
     for case in manifest["cases"]:
         if case["name"] == name:
             return case
-    raise SuiteError(f"no case {name!r}; the suite has: {', '.join(c['name'] for c in manifest['cases'])}")
+    raise SuiteError("case", f"one of {', '.join(c['name'] for c in manifest['cases'])}", repr(name))
 
 
 def load_case(folder, case):
@@ -88,8 +86,9 @@ def load_case(folder, case):
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise SuiteError(f"{path}: cannot read ({exc})") from None
+        raise SuiteError(str(path), "a readable case file", f"{type(exc).__name__}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != case["sha256"]:
-        raise SuiteError(f"{path}: sha256 {digest}, the manifest says {case['sha256']}")
+        raise SuiteError(f"{path} sha256", f"{case['sha256']} (the manifest's)", digest,
+                         detail="the file changed since the suite was written")
     return load(data)

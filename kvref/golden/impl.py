@@ -106,13 +106,14 @@ class KvrefCache:
                 layout[f"seq{seq}/store_k"] = token_major(blocks[:, 0])  # (layers, n_store, Hkv, row_bytes)
                 layout[f"seq{seq}/store_v"] = token_major(blocks[:, 1])
         elif self.variant == "pooled":
-            books = cache._books
             live = cache.live_sequences()
-            tables = np.full(books.tables.shape, -1, np.int32)
-            tables[live] = books.tables[live]
-            layout["lengths"] = np.where(np.isin(np.arange(cache.max_seqs), live), books.lengths, 0).astype(np.int64)
-            layout["starts"] = np.where(np.isin(np.arange(cache.max_seqs), live), books.starts, 0).astype(np.int64)
-            layout["block_tables"] = tables
+            lengths, starts = np.zeros(cache.max_seqs, np.int64), np.zeros(cache.max_seqs, np.int64)
+            tables = np.full((cache.max_seqs, cache.table_width), -1, np.int32)  # rows not live: all -1, L = e = 0
+            for s in live:
+                lengths[s], starts[s] = cache.get_seq_length(s), cache.first_position(s)
+                held = cache.block_table(s)
+                tables[s, :len(held)] = held
+            layout.update(lengths=lengths, starts=starts, block_tables=tables)
             layout["ref_counts"] = cache.pool.ref_counts.astype(np.int32)
             layout["free_queue"] = np.array(cache.pool.free_queue, np.int64)
             holding = [s for s in live if cache.get_seq_length(s) > cache.first_position(s)]
@@ -173,7 +174,9 @@ class Kvref:
         return KvrefCache(variant, config, self.backend)
 
     def attention(self, q, k, v, q_positions, k_positions, scale, window, sinks):
-        """Dense attention through the spec's ``attend_gathered_tokens`` (python, or its njit twin on cpu)."""
+        """Dense attention through the spec's ``attend_gathered_tokens`` (python), or its njit twin (cpu), which
+        ``kvref/cpu/two_tier.py`` compiles as ``attend_materialized_tokens`` for the two-tier cache's materializing
+        path: one function, compiled once."""
         keys = token_major(np.asarray(k, np.float32))[None]  # (1, Hkv, n, D): token_major swaps back
         values = token_major(np.asarray(v, np.float32))[None]
         out = np.zeros((1,) + q.shape, np.float32)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, quant
+from .. import __version__
 from ..check import decode_attention_gqa, window_keys
 from ..errors import KVCacheError
 from .cases import OUT_TOLERANCE, all_cases, seed_of
+from .crosscheck import (GoldenWriteError, History, check_physical, expect, gguf_available, oracle_dequantize,
+                         oracle_quantize)
 from .format import FORMAT, FORMAT_VERSION, case_bytes, manifest_bytes
 from .impl import Kvref
 
@@ -28,45 +30,6 @@ SUITE_VERSION = 1
 WRITE_TOLERANCE = 2e-5
 #: tolerance of two-tier logical K/V (dequantized store): ggml's d * q (+ m), maybe fused into one FMA
 DEQUANT_TOLERANCE = (1e-6, 1e-6)
-
-
-class GoldenWriteError(AssertionError):
-    """The spec and an independent check disagree while writing the suite."""
-
-
-def gguf_round_trip_available():
-    """True if the gguf package (the independent quantizer) can be imported."""
-    try:
-        import gguf.quants  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def oracle_quantize(x, fmt):
-    """ggml blocks by the gguf package (the independent oracle), or by kvref's spec when gguf is not installed."""
-    x = np.ascontiguousarray(x, np.float32)
-    if gguf_round_trip_available():
-        from gguf import GGMLQuantizationType, quants
-
-        return quants.quantize(x, getattr(GGMLQuantizationType, fmt.upper()))
-    return quant.quantize(x, fmt, backend="python")
-
-
-def oracle_dequantize(blocks, fmt, head_dim):
-    """float32 rows of ggml blocks by gguf (or by kvref when gguf is not installed)."""
-    if gguf_round_trip_available():
-        from gguf import GGMLQuantizationType, quants
-
-        return quants.dequantize(np.ascontiguousarray(blocks), getattr(GGMLQuantizationType, fmt.upper())).astype(
-            np.float32)
-    return quant.dequantize(blocks, fmt, (blocks.shape[0], head_dim), backend="python")
-
-
-def expect(condition, case, step, what):
-    """Raise GoldenWriteError naming the case and step unless ``condition``."""
-    if not condition:
-        raise GoldenWriteError(f"case {case.name}, {step}: {what}")
 
 
 class Recorder:
@@ -107,90 +70,6 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The independent side of a cache case: what was fed, and the rules of each variant, restated
-# ---------------------------------------------------------------------------------------------------------------
-class History:
-    """Every K/V row fed to each sequence (float64, by position), the variant's rules restated from
-    ARCHITECTURE.md, and the float64 reference attention. Only the pooled cache's eviction choice (which block goes
-    when the pool runs dry) and the two-tier tier boundaries are taken from the spec; both are recorded as physical
-    state, so an implementation is checked on them too."""
-
-    def __init__(self, case):
-        self.case = case
-        self.config = case.config
-        self.rows = {s: {} for s in range(case.config.get("batch", 1))}  # seq -> {position: (k, v)}
-
-    def length(self, seq):
-        """Tokens fed to ``seq`` (its length L)."""
-        return len(self.rows[seq])
-
-    def feed(self, seq, k, v):
-        """k, v: (layers, T, Hkv, D) of one sequence, appended at its length."""
-        start = self.length(seq)
-        for t in range(k.shape[1]):
-            self.rows[seq][start + t] = (np.asarray(k[:, t], np.float64), np.asarray(v[:, t], np.float64))
-
-    def apply(self, op, args):
-        """Apply a non-append op (crop, reset, fork, add_sequence, release) to the history."""
-        if op == "crop":
-            for s in (self.rows if args["seq"] is None else [args["seq"]]):
-                length = self.length(s)
-                target = args["max_length"] if args["max_length"] >= 0 else length + args["max_length"]
-                self.rows[s] = {p: r for p, r in self.rows[s].items() if p < target}
-        elif op == "reset":
-            for s in (self.rows if args["seq"] is None else [args["seq"]]):
-                self.rows[s] = {}
-        elif op == "fork":
-            self.rows[args["child"]] = dict(self.rows[args["seq"]])
-        elif op == "add_sequence":
-            self.rows[args["child"]] = {}
-        elif op == "release":
-            del self.rows[args["seq"]]
-
-    def stored_value(self, seq, position, tiers):
-        """The row a query reads for ``position``: as fed, or its quantize/dequantize round trip when the two-tier
-        cache keeps it in the store (``tiers`` = (e, m, L) of that sequence)."""
-        k, v = self.rows[seq][position]
-        if self.case.variant == "two_tier" and position < tiers[1]:
-            fmt, head_dim = self.config["store_format"], self.config["head_dim"]
-            k, v = (oracle_dequantize(oracle_quantize(x.reshape(-1, head_dim), fmt), fmt, head_dim).reshape(x.shape)
-                    for x in (k, v))
-        return np.asarray(k, np.float64), np.asarray(v, np.float64)
-
-    def visible(self, position, first_held):
-        """Positions a query at ``position`` may see by the variant's rule (before intersecting with those held)."""
-        c = self.config
-        if self.case.variant == "ring":
-            return window_keys(position, c["window"], c.get("sinks", 0))
-        if self.case.variant == "two_tier":
-            return window_keys(position, c["max_tokens"])
-        return list(range(first_held, position + 1))
-
-    def held_rule(self, seq, first_held):
-        """The positions ``seq`` must hold after a step, by the variant's rule."""
-        length = self.length(seq)
-        if length == 0:
-            return []
-        return self.visible(length - 1, first_held)
-
-    def attention(self, seq, held_before, tiers_before, new_positions, k_new, v_new, q, first_after, layer):
-        """Float64 reference output (T, Hq, D) of one sequence's step queries in one layer."""
-        rows = {}
-        for p in held_before:
-            k, v = self.stored_value(seq, p, tiers_before)
-            rows[p] = (k[layer], v[layer])
-        for t, p in enumerate(new_positions):
-            rows[p] = (np.asarray(k_new[t], np.float64), np.asarray(v_new[t], np.float64))
-        out = []
-        for t, p in enumerate(new_positions):
-            seen = [j for j in self.visible(p, first_after) if j in rows]
-            k = np.stack([rows[j][0] for j in seen], axis=1)  # (Hkv, n, D); seen holds p itself
-            v = np.stack([rows[j][1] for j in seen], axis=1)
-            out.append(decode_attention_gqa(q[t], k, v, self.config["scale"]))
-        return np.stack(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Recording each kind of case
 # ---------------------------------------------------------------------------------------------------------------
 def live_sequences(cache):
@@ -213,36 +92,35 @@ def same_snapshot(a, b):
         np.array_equal(pa[n], pb[n]) for n in pa)
 
 
-def record_state(rec, entry, cache, history, first_held):
-    """Logical content per live sequence (checked against what was fed) and the physical layout."""
+def record_state(rec, entry, cache, history, append=None, last=True):
+    """Check the state after a step against what was fed and the variant's rules, then record it (with
+    ``record_state: "last"`` in the config, only after the last step): the logical content of every live sequence,
+    and the physical layout. ``append``: see :func:`kvref.golden.crosscheck.check_physical`."""
     case, c = rec.case, rec.case.config
     kv_tolerance = DEQUANT_TOLERANCE if case.variant == "two_tier" else (0.0, 0.0)
     physical = cache.physical()
+    check_physical(case, entry["name"], physical, history, append)
+    first_held = first_positions(cache)
+    logical = {}
     for s in live_sequences(cache):
-        positions, k, v = cache.read(s)
+        positions, k, v = logical[s] = cache.read(s)
         rule = history.held_rule(s, first_held[s])
         expect(positions.tolist() == rule, case, entry["name"],
                f"sequence {s} holds {positions.tolist()}, the rule says {rule}")
         tiers = physical["tiers"][s] if case.variant == "two_tier" else None
-        if tiers is not None:  # the store's raw bytes: exactly ggml's (gguf's) quantization of the rows fed
-            for kv, name in enumerate(("store_k", "store_v")):
-                for i, p in enumerate(range(tiers[0], tiers[1])):
-                    row = history.rows[s][p][kv]  # (layers, Hkv, D) as fed
-                    want = oracle_quantize(row.reshape(-1, c["head_dim"]), c["store_format"])
-                    expect(np.array_equal(physical[f"seq{s}/{name}"][:, i], want.reshape(row.shape[:2] + (-1,))),
-                           case, entry["name"], f"sequence {s} position {p}: {name} bytes differ from ggml's")
         for i, p in enumerate(positions.tolist()):
             want_k, want_v = history.stored_value(s, p, tiers)
-            expect(np.allclose(k[:, i], want_k, atol=1e-6, rtol=1e-6) and np.allclose(v[:, i], want_v, atol=1e-6,
-                                                                                        rtol=1e-6),
-                   case, entry["name"], f"sequence {s} position {p}: K/V differ from what was fed")
-        if c.get("record_state") == "last" and entry is not rec.steps[-1]:
-            continue
+            if tiers is not None:  # dequantized store rows: within the recorded tolerance
+                same = all(np.allclose(a[:, i], b, *DEQUANT_TOLERANCE[::-1]) for a, b in ((k, want_k), (v, want_v)))
+            else:  # a copy of what was fed
+                same = np.array_equal(k[:, i], want_k) and np.array_equal(v[:, i], want_v)
+            expect(same, case, entry["name"], f"sequence {s} position {p}: K/V differ from what was fed")
+    if c.get("record_state") == "last" and not last:
+        return
+    for s, (positions, k, v) in logical.items():
         rec.add(entry, "logical", f"seq{s}/positions", positions)
         rec.add(entry, "logical", f"seq{s}/k", k, *kv_tolerance)
         rec.add(entry, "logical", f"seq{s}/v", v, *kv_tolerance)
-    if c.get("record_state") == "last" and entry is not rec.steps[-1]:
-        return
     for name, array in physical.items():
         mask = "slot_positions" if name in ("k_slots", "v_slots") else None
         rec.add(entry, "physical", name, array, mask=mask)
@@ -263,8 +141,9 @@ def record_cache_case(case, impl, rng):
     shape = cache.shape
     dtype = np.dtype(c["dtype"])
     atol, rtol = OUT_TOLERANCE[c["dtype"]]
-    for op, args in case.ops:
+    for index, (op, args) in enumerate(case.ops):
         entry = rec.step(op, dict(args))
+        append = None
         if op == "append":
             ids, n_tokens = args["seq_ids"], args["num_tokens"]
             dims = (shape.layers, len(ids), n_tokens, shape.kv_heads, shape.head_dim)
@@ -285,6 +164,7 @@ def record_cache_case(case, impl, rng):
                        f"expected {args['error']}, the spec raised {entry['error']}")
                 expect(same_snapshot(before, snapshot(cache)), case, entry["name"], "a refused step changed state")
             else:
+                append = (ids, n_tokens, [history.length(s) for s in ids])
                 out = cache.append(ids, k, v, q)
                 first_after = first_positions(cache)
                 worst = 0.0
@@ -309,12 +189,16 @@ def record_cache_case(case, impl, rng):
                     "add_sequence": lambda: cache.add_sequence(),
                     "release": lambda: cache.release(args["seq"]),
                     "evict": lambda: cache.evict(args["seq"], args["num_tokens"])}[op]
+            first_before = first_positions(cache)
             result = call()
             if op in ("fork", "add_sequence"):
                 expect(result == args["child"], case, entry["name"], f"the new sequence is {result}, the case "
                        f"names {args['child']}")
+            if op == "evict":  # exactly num_tokens leave, no more (seed 004 dropped a whole block)
+                moved = first_positions(cache)[args["seq"]] - first_before[args["seq"]]
+                expect(moved == args["num_tokens"], case, entry["name"], f"evict moved the start by {moved}")
             history.apply(op, args)
-        record_state(rec, entry, cache, history, first_positions(cache))
+        record_state(rec, entry, cache, history, append, last=index == len(case.ops) - 1)
     return rec
 
 
@@ -375,6 +259,8 @@ def record_attention_case(case, impl, rng):
     positions = np.arange(n, dtype=np.int64)
     if args["key_order"] == "ring":  # n = W slots holding positions 13 .. 13 + W - 1 at slot p % W
         positions = np.array([13 + ((s - 13) % n) for s in range(n)], np.int64)
+    elif args["key_order"] == "from_100":  # a cache whose first held position is 100
+        positions = positions + 100
     k_positions = rec.add(entry, "inputs", "k_positions", positions)
     q_positions = rec.add(entry, "inputs", "q_positions", np.sort(positions)[n - T:])
     out = impl.attention(q, k, v, q_positions, k_positions, c["scale"], c["window"], c["sinks"])
@@ -429,8 +315,13 @@ RECORDERS = {"cache": record_cache_case, "quantize": record_quant_case, "attenti
              "paged_attention": record_paged_case}
 
 
-def build_suite(size="default", progress=None):
-    """Every case of the suite recorded: returns (manifest dict, {file name: bytes})."""
+def build_suite(size="default", progress=None, require_gguf=True):
+    """Every case of the suite recorded: returns (manifest dict, {file name: bytes}). Without the gguf package the
+    quantized bytes could only be checked against kvref itself: that needs ``require_gguf=False``."""
+    if require_gguf and not gguf_available():
+        raise GoldenWriteError("the gguf package (the independent check of the quantized bytes) is not installed: "
+                               "pip install 'kvref[peers]', or write with --no-gguf to check against kvref's own "
+                               "quantizer only")
     backend = "python" if size == "default" else "cpu"
     impl = Kvref(backend)
     source = {"python": "kvref python backend (the spec)",
@@ -452,10 +343,10 @@ def build_suite(size="default", progress=None):
     return manifest, files
 
 
-def write_suite(folder, size="default", progress=None):
+def write_suite(folder, size="default", progress=None, require_gguf=True):
     """Write the suite of ``size`` into ``folder`` (created if needed; files of the same names are replaced).
     Returns the manifest."""
-    manifest, files = build_suite(size, progress)
+    manifest, files = build_suite(size, progress, require_gguf)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -465,7 +356,7 @@ def write_suite(folder, size="default", progress=None):
 
 def cross_check_note():
     """What the writer checked quantized bytes against, for the CLI to print."""
-    if gguf_round_trip_available():
+    if gguf_available():
         import gguf
 
         return f"quantized bytes cross-checked against gguf {getattr(gguf, '__version__', '')}".rstrip()
