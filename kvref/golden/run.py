@@ -57,6 +57,7 @@ class CaseResult:
     checks: list = field(default_factory=list)
     skipped: str = ""
     not_provided: list = field(default_factory=list)
+    refusals: list = field(default_factory=list)  # "stepNN refused with <its error> (kvref: <kvref's>)"
 
     @property
     def status(self):
@@ -205,6 +206,8 @@ def check_cache_case(impl, case, tensors, result):
             except Exception as exc:
                 if step["error"] and not isinstance(exc, NotImplementedError):
                     out = None  # refused, as it must be: the state is compared below
+                    result.refusals.append(f"{step['name']} refused with {type(exc).__name__} (kvref: "
+                                           f"{step['error']})")
                 elif step["error"]:
                     fail(step, f"{step['name']}/op", "raised NotImplementedError, which is not a refusal (an "
                          "implementation that cannot run a case says so with supports(case))", result.checks)
@@ -329,6 +332,8 @@ def format_table(results, verbose=False, max_failures=8):
         partial = f" ({len(r.not_provided)} not compared)" if r.status == "ok" and r.not_provided else ""
         lines.append(f"{r.name:38} {shown.op:16} {shown.tensor:34} {err:>10} "
                      f"{tolerance_text(shown.comparison):>15}  {r.status}{partial}")
+        if verbose:
+            lines.extend(f"    ok   case {r.name}, {refusal}" for refusal in r.refusals)
         rows = r.checks if verbose else r.failures[:max_failures]
         for c in rows:
             detail = c.message or c.comparison.message or f"max err {c.comparison.max_abs:.3g}"
