@@ -478,3 +478,44 @@ def test_pool_exhausted_message_counts_free_blocks(rng):
     message = str(exc)
     assert "at most 0" not in message, message
     assert "0 free" in message and "1 new block" in message, message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# write/attend/advance check a step without re-planning it (the host time of a step), and still refuse an edit
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["slots", "positions", "seq_ids"])
+def test_a_step_edited_in_place_is_refused_and_changes_nothing(field):
+    cache = kvref.FlatCache(SHAPE, batch=2, max_tokens=8, backend="python")
+    k = np.ones((2, 2, SHAPE.kv_heads, SHAPE.head_dim), np.float32)
+    step = cache.plan(2)
+    cache.write(step, 0, k, k)  # the fast check: the very object plan() returned
+    array = getattr(step, field)
+    array.setflags(write=True)  # defeats the read-only guard on purpose
+    array[-1, ...] = 1 - array[-1, ...] if array.ndim > 1 else (1 - array[-1])
+    before = cache.state()
+    q = np.ones((2, 2, 4, 32), np.float32)
+    for call in (lambda: cache.write(step, 1, k, k), lambda: cache.attend(step, 0, q), lambda: cache.advance(step)):
+        with pytest.raises(kvref.KVCacheError):  # StaleStepError "edited ...", or the re-plan's own refusal
+            call()
+    assert_state_equal(before, cache.state())
+
+
+def test_write_attend_advance_do_not_re_plan(monkeypatch):
+    """Each layer's write and attend, and advance, check the step plan() returned by identity and fingerprint: plan
+    runs once per step (a 32-layer step re-planned 65 times before, most of its host time)."""
+    cache = kvref.FlatCache(SHAPE, batch=2, max_tokens=8, backend="python")
+    calls = []
+    original = kvref.FlatCache._plan
+    monkeypatch.setattr(kvref.FlatCache, "_plan", lambda self, ids, positions: calls.append(1) or original(
+        self, ids, positions))
+    k = np.ones((2, 1, SHAPE.kv_heads, SHAPE.head_dim), np.float32)
+    step = cache.plan(1)
+    for layer in range(SHAPE.layers):
+        cache.write(step, layer, k, k)
+        cache.attend(step, layer, np.ones((2, 1, 4, 32), np.float32))
+    cache.advance(step)
+    assert len(calls) == 1
+    planned = cache.plan(1)
+    copy = kvref.FlatStep(**{f: getattr(planned, f) for f in ("seq_ids", "positions", "slots", "cache_id", "version")})
+    cache.write(copy, 0, k, k)  # an equal step that is another object: checked the slow way, and accepted
+    assert len(calls) == 3
