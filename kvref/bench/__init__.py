@@ -7,7 +7,9 @@ asked). ``--check-only`` runs the check alone, ``--quick`` is a smoke run (n = 1
 
 Everything is measured side by side in one run and reported as ratios, never as absolute goals:
 
-* memory bandwidth of this machine: a STREAM-like read (sum) and copy, with 1 and with 2 threads;
+* the strict read limit of one thread (the best pass of a compiled sequential int64 sum over 1 GiB), the yardstick
+  every bandwidth figure and target is judged against, and the older, weaker STREAM-like read (sum) and copy, with
+  1 and with 2 threads, reported beside it;
 * decode attention (one query token, 32 query heads, head_dim 128, 8 or 32 KV heads, fp32 and fp16,
   n = 1k, 4k, 16k, 64k cached tokens) for kvref-cpu, plain NumPy, torch SDPA and torch matmul+softmax. Each as
   time, GB/s of K/V read, fraction of the in-run read bandwidth of the same thread count, and ratio vs each peer;
@@ -18,11 +20,15 @@ Everything is measured side by side in one run and reported as ratios, never as 
   of mixed-length sequences in a FlatCache vs a PooledCache;
 * ggml quantization (1 thread): kvref-cpu ``quant.quantize`` / ``dequantize`` vs the ``gguf`` package's NumPy
   quantizers, with the bytes checked identical;
-* two-tier decode attention (Q8_0 and Q4_0 store, 256-token fp16 tail) vs flat fp16 attention over the same n keys.
+* two-tier decode attention (Q8_0 and Q4_0 store, 256-token fp16 tail) vs flat fp16 attention over the same n keys;
+* the assembly of every attention specialisation the run compiled: packed (zmm / ymm / xmm) and scalar FMAs in its
+  innermost loops, flagged "SCALAR FALLBACK" when LLVM did not vectorise them (``python -m kvref.bench.asm`` does
+  this alone, on tiny caches, without timing anything).
 
 Caches are rotated (at least 256 MiB in all) so that no timing is served from the 32 MiB L3.
 Each thread count runs in its own subprocess, with NUMBA/OMP/OpenBLAS thread counts set before import.
 
-Modules: :mod:`kvref.bench.measure` (timing, bandwidth, machine), :mod:`kvref.bench.cases` (what is measured),
-:mod:`kvref.bench.report` (the Markdown), ``kvref/bench/__main__.py`` (the command line).
+Modules: :mod:`kvref.bench.measure` (timing, bandwidth and the strict read limit, machine), :mod:`kvref.bench.cases`
+(what is measured), :mod:`kvref.bench.asm` (the assembly verdicts), :mod:`kvref.bench.report` (the Markdown),
+``kvref/bench/__main__.py`` (the command line).
 """
