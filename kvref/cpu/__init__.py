@@ -4,6 +4,8 @@
 * :func:`choose_schedule` is the one choice between a variant's serial loop and its ``prange`` schedule.
 * ``fast_math`` gives a few spec primitives a faster compiled form (fp16 widening, exp, the quantizers' block
   reductions); tests prove each equal to its spec over its whole domain or within a stated bound.
+* ``fast_quant`` gives the quantized block decode a vector form (LLVM vector IR per ggml format), bit-identical to
+  the spec; it is what makes the two-tier cache's attention keep up with the fp16 flat cache.
 * each ``kvref/cpu/<variant>.py`` lists the compiled twins of that variant's spec, plus ``prange`` schedules whose
   bodies call the spec.
 
@@ -25,6 +27,7 @@ import numba
 from numba.core import config
 
 from . import fast_math  # noqa: F401  (registers the compiled forms of the primitives before anything compiles)
+from . import fast_quant  # noqa: F401  (registers the compiled block decode of quantized rows, likewise)
 
 #: LLVM fast-math flags for the attention loops: re-association lets dot products and sums use SIMD lanes.
 #: No 'nnan'/'ninf': the online softmax starts from -inf, and NaN scores must propagate. For finite inputs the
