@@ -2,10 +2,11 @@
 
 The expected values come from ``Kvref("python")``, the spec run as plain Python (the large suite uses its numba
 twin, ``Kvref("cpu")``, and says so in the manifest). Before a value is written it is cross-checked against
-something that is not the spec (:class:`History`): every attention output against the float64 reference of
-``kvref.check``, computed from the K/V that were fed (never read back from the cache); every logical K/V row against
-what was fed; quantized bytes against the ``gguf`` package when it is installed (else kvref's own quantizer, and
-the report says so). A disagreement raises :class:`GoldenWriteError` and nothing is written.
+something that is not the spec (``kvref/golden/crosscheck.py``): every attention output against the float64
+reference of ``kvref.check``, computed from the K/V that were fed (never read back from the cache); every logical K/V
+row against what was fed; every physical tensor against the variant's layout rules, restated; quantized bytes
+against the ``gguf`` package (required unless ``require_gguf=False``, ``write --no-gguf``: then kvref's own
+quantizer stands in, and ``write`` says so). A disagreement raises :class:`GoldenWriteError` and nothing is written.
 """
 
 import hashlib
