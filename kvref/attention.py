@@ -38,30 +38,69 @@ then the value rows):
 
 * :func:`attend_rows`: rows 0 .. n-1 are all visible (the flat cache: positions 0 .. p in order);
 * :func:`attend_quantized_rows`: rows 0 .. n-1 are all visible and stored as ggml blocks (the two-tier cache's
-  store); each block is decoded inside the loop, never into a float copy of the row;
+  store); a few rows at a time are decoded into a small scratch (never into a float copy of the store);
 * :func:`attend_slots`: each row carries its own absolute position and takes part iff :func:`visible` says so. The
   rows can be in any order (a ring's slots; -1 marks an empty slot). Order does not matter because the online
   softmax is a sum, and the keys were rotated (RoPE) at their absolute positions before they were stored.
 
 Several segments can feed one softmax: :func:`softmax_start`, any number of segments, :func:`softmax_finish`.
+Every variant (flat, ring, pooled, two-tier) feeds its segments to these same functions.
 
-The tile functions are marked ``forceinline``: compiled, an array view handed to a function that is not inlined
-costs two atomic reference-count updates (and an atomic is a memory fence on x86), which the paged cache, calling
-:func:`attend_rows` once per block of 16 keys, would pay per block. Inlined, Numba drops them.
+**The grouped kernel: a tile in three phases** (``../shared/reference/grouped_attention_facts.md``):
+
+1. scores (:func:`score_rows`): KEYS key rows x G heads per pass over d (:func:`score_block`); each K element is
+   loaded once and used G times, and the KEYS x G sums stay in registers;
+2. softmax (:func:`softmax_weights`): the online-softmax update above, once per tile;
+3. values (:func:`accumulate_rows`): d outer, ROWS value rows x G heads inner (:func:`accumulate_block`); each V
+   element is loaded once for G heads and each accumulator element once per ROWS rows.
+
+Every sum still runs in the plain order (a dot product over d = 0 .. D-1; the values over the keys in order), so
+run as plain Python the results are those of the textbook loops, bit for bit.
+
+**Specialisation.** The scratch (accumulators ``acc`` (G, D), a tile's scores and m, l ``work`` (G, TILE + 2), the
+score sums ``block`` (KEYS, G)) comes from :func:`local_array`, called once at the top of each variant's
+``attend_one``: ``np.empty`` in plain Python, a stack array compiled for the CPU, CUDA local memory on a GPU. For
+that, G and D must be compile-time constants: every variant's ``attend_tokens`` / ``attend_one`` takes them as its
+last arguments (``group``, ``head_dim``), and the compiled backends call it from a closure per shape whose free
+variables hold them (:class:`kvref.lowering.Specialisations`), which Numba passes on as integer literals. With G
+and D constant, LLVM unrolls the loops over G and keys, keeps the blocks in registers, and knows the scratch aliases
+nothing. Each shape compiles on first use (a few seconds; then cached on disk), for any G and head_dim.
+
+The phase functions are marked :func:`inlined`: for the CPU, Numba inlines them into their caller before it compiles,
+so that they get the caller's fast-math flags (re-association lets the sums use SIMD lanes) and no array view is
+ever passed to a separate function (which would cost two atomic reference-count updates per call).
 """
 
 import math
 
 import numpy as np
-from numba.extending import register_jitable
+from numba.extending import overload, register_jitable
 
 from . import quant
 from .fp16 import widen
 
 #: keys per tile of the online softmax: small enough that a tile's scores and V rows stay in L1.
 TILE = 32
-#: columns of attend_group's scratch ``work``: one tile of scores, then the running max m and the running sum l
+#: columns of the scratch ``work``: one tile of scores (columns 0 .. TILE-1), then the running max m and sum l
 WORK_COLUMNS = TILE + 2
+M_COLUMN = TILE
+L_COLUMN = TILE + 1
+#: the most key rows one score pass takes (:func:`keys_per_pass`), rows of the scratch ``block``
+MAX_KEYS = 4
+#: the most value rows one pass adds (:func:`rows_per_pass`), rows of the decoded-row scratch of quantized attention
+MAX_ROWS = 8
+
+
+def inlined(fn):
+    """Mark a spec function of the kernel's inner loops. It stays plain Python, and a ``register_jitable`` function
+    (a CUDA device function that LLVM always inlines); for ``numba.njit`` it is also inlined into its caller at Numba
+    IR level (an ``overload`` with ``inline="always"`` for target "cpu"), so that it is compiled as part of the
+    caller, with the caller's fast-math flags. (A function Numba compiles separately gets no fast-math, and then the
+    dot products and the value sums stay scalar: 10-20x slower. numba-cuda 0.30 cannot inline a numba.core overload
+    at IR level, hence the split.)"""
+    register_jitable(forceinline=True)(fn)
+    overload(fn, target="cpu", inline="always", strict=False)(lambda *args: fn)
+    return fn
 
 
 @register_jitable
@@ -95,105 +134,166 @@ def exp_f32(x):
     return np.float32(math.exp(x))
 
 
-@register_jitable
-def softmax_start(out, work):
-    """Begin an online softmax for G query heads: m = -inf, l = 0, acc (``out``) = 0."""
-    for g in range(out.shape[0]):
-        work[g, TILE] = -np.inf  # running max m
-        work[g, TILE + 1] = 0.0  # running sum l
-        for d in range(out.shape[1]):
-            out[g, d] = 0.0
+# ---------------------------------------------------------------------------------------------------------------
+# The grouped kernel: scratch, then the three phases of a tile (scores, softmax, values)
+# ---------------------------------------------------------------------------------------------------------------
+def local_array(shape):
+    """A float32 scratch array of ``shape`` (a tuple), private to one call: ``np.empty`` here, in plain Python.
+
+    Compiled, every dimension must be a compile-time constant (Numba literals: G and D are passed down from a
+    specialised entry point, see "Specialisation" above), and the array lives on the stack (``kvref/cpu/fast_math.py``)
+    or in CUDA local memory (``kvref/cuda/__init__.py``). Its contents start undefined, as ``np.empty``'s.
+    Call it at the top of a function that is *not* force-inlined, once, never inside a loop or an inlined helper.
+    """
+    return np.empty(shape, np.float32)
 
 
-@register_jitable(forceinline=True)
-def score_tile(q, k_tile, n, scale, work):
-    """Scores of a tile of n key rows for the G query heads: ``work[g, j] = scale * (q[g] . k_tile[j])``. Each K row
-    is read once and used for all G heads (GQA)."""
-    G = q.shape[0]
-    D = q.shape[1]
-    for j in range(n):
-        k_row = k_tile[j]
+@inlined
+def keys_per_pass(group):
+    """KEYS: key rows scored together in one pass over d. Each pass keeps KEYS x G sums in vector registers, loads
+    each K element once for G heads and each q element once for KEYS keys (measured best: BENCHMARKS.md)."""
+    if group >= 8:
+        return 1
+    if group >= 3:
+        return 2
+    return MAX_KEYS
+
+
+@inlined
+def rows_per_pass(group):
+    """ROWS: value rows added together in one pass over d (ROWS x G weights stay in registers; each accumulator
+    element is loaded and stored once per ROWS rows instead of once per row)."""
+    if group >= 8:
+        return 2
+    if group >= 2:
+        return 4
+    return MAX_ROWS
+
+
+@inlined
+def softmax_start(acc, work):
+    """Begin an online softmax for G query heads: m = -inf, l = 0, acc = 0."""
+    G, D = acc.shape
+    for g in range(G):
+        work[g, M_COLUMN] = -np.inf
+        work[g, L_COLUMN] = 0.0
+        for d in range(D):
+            acc[g, d] = 0.0
+
+
+@inlined
+def score_block(q, keys, first, n, scale, work, column, block):
+    """Scores of n key rows (n a small constant: KEYS, or 1 at the end of a run) for the G query heads, in one
+    pass over d:
+
+        block[k, g] = sum_d q[g, d] * k_{first+k}[d];     work[g, column + k] = scale * block[k, g]
+
+    Each K element is loaded once and used for all G heads; the n x G sums stay in registers (``block`` is a stack
+    array indexed by constants only). Every sum runs over d in order, as a plain dot product does."""
+    G, D = work.shape[0], q.shape[1]
+    for k in range(n):
         for g in range(G):
-            q_row = q[g]
-            s = np.float32(0.0)
-            for d in range(D):
-                s += q_row[d] * widen(k_row[d])
-            work[g, j] = s * scale
+            block[k, g] = 0.0
+    for d in range(D):
+        for k in range(n):
+            key = widen(keys[first + k, d])
+            for g in range(G):
+                block[k, g] += q[g, d] * key
+    for k in range(n):
+        for g in range(G):
+            work[g, column + k] = block[k, g] * scale
 
 
-@register_jitable(forceinline=True)
-def softmax_weights(n, out, work):
+@inlined
+def score_rows(q, keys, first, n, scale, work, column, block):
+    """Scores of key rows first .. first+n-1 into ``work[:, column:column+n]``: KEYS rows per pass, then single
+    rows (:func:`score_block`)."""
+    step = keys_per_pass(work.shape[0])
+    j = 0
+    while j + step <= n:
+        score_block(q, keys, first + j, step, scale, work, column + j, block)
+        j += step
+    while j < n:
+        score_block(q, keys, first + j, 1, scale, work, column + j, block)
+        j += 1
+
+
+@inlined
+def softmax_weights(n, acc, work):
     """The softmax half of a tile update: turn the tile's n scores (``work[:, :n]``, -inf for a masked key) into
-    weights p_j = exp(s_j - m') in place, update the running max and sum, and rescale the accumulator ``out``.
+    weights p_j = exp(s_j - m') in place, update the running max and sum, and rescale the accumulator.
 
     m' = max(m, max_j s_j);  c = exp(m - m');  l' = c l + sum_j p_j;  acc = c acc
     At least one score of the tile must be finite (callers skip fully masked tiles).
     """
-    M = TILE  # column of the running max m
-    L = TILE + 1  # column of the running sum l
-    G = out.shape[0]
-    D = out.shape[1]
+    G, D = acc.shape
     for g in range(G):
-        m_old = work[g, M]
+        m_old = work[g, M_COLUMN]
         m_new = m_old
         for j in range(n):
             m_new = max(m_new, work[g, j])
         c = exp_f32(m_old - m_new)
-        total = work[g, L] * c
+        total = work[g, L_COLUMN] * c
         for j in range(n):
             p = exp_f32(work[g, j] - m_new)  # a masked key: exp(-inf) = 0
             work[g, j] = p
             total += p
-        work[g, M] = m_new
-        work[g, L] = total
+        work[g, M_COLUMN] = m_new
+        work[g, L_COLUMN] = total
         for d in range(D):
-            out[g, d] *= c
+            acc[g, d] *= c
 
 
-@register_jitable(forceinline=True)
-def accumulate_rows(v_tile, n, out, work):
-    """The value half of a tile update: ``acc[g] += p_j * v_j`` for the tile's n value rows (weights in ``work``).
+@inlined
+def accumulate_block(values, first, n, acc, work, column):
+    """The value half for n value rows (n a small constant: ROWS, or 1), d outer:
 
-    Each V row is read once for all G query heads. As in fused attention kernels, a masked row is multiplied by
-    p = 0, so every stored value must be finite (a stored inf or NaN would poison the output even while masked).
-    """
-    G = out.shape[0]
-    D = out.shape[1]
-    for j in range(n):
-        v_row = v_tile[j]
+        acc[g, d] += sum_r p_{column+r} * v_{first+r}[d]        (r = 0 .. n-1 in order, for every g and d)
+
+    Each V element is loaded once for all G heads, and each accumulator element is loaded and stored once per n
+    rows. As in fused attention kernels a masked row is multiplied by p = 0, so every stored value must be finite."""
+    G, D = acc.shape
+    for d in range(D):
         for g in range(G):
-            p = work[g, j]
-            acc_row = out[g]
-            for d in range(D):
-                acc_row[d] += p * widen(v_row[d])
+            total = acc[g, d]
+            for r in range(n):
+                total += work[g, column + r] * widen(values[first + r, d])
+            acc[g, d] = total
 
 
-@register_jitable(forceinline=True)
-def softmax_tile(v_tile, n, out, work):
-    """Fold one tile of n scores (``work[:, :n]``) and its n value rows into the running softmax of G heads."""
-    softmax_weights(n, out, work)
-    accumulate_rows(v_tile, n, out, work)
+@inlined
+def accumulate_rows(values, first, n, acc, work, column):
+    """Add value rows first .. first+n-1, weighted by ``work[:, column:column+n]``: ROWS rows per pass, then single
+    rows (:func:`accumulate_block`)."""
+    step = rows_per_pass(work.shape[0])
+    r = 0
+    while r + step <= n:
+        accumulate_block(values, first + r, step, acc, work, column + r)
+        r += step
+    while r < n:
+        accumulate_block(values, first + r, 1, acc, work, column + r)
+        r += 1
 
 
-@register_jitable(forceinline=True)
-def attend_rows(q, keys, values, n_keys, scale, out, work):
-    """Fold key/value rows 0 .. n_keys-1, all visible, into the running softmax (a tile of TILE rows at a time)."""
+@inlined
+def attend_rows(q, keys, values, n_keys, scale, acc, work, block):
+    """Fold key/value rows 0 .. n_keys-1, all visible, into the running softmax, a tile of TILE rows at a time."""
     for start in range(0, n_keys, TILE):
         n = min(TILE, n_keys - start)
-        score_tile(q, keys[start:start + n], n, scale, work)
-        softmax_tile(values[start:start + n], n, out, work)
+        score_rows(q, keys, start, n, scale, work, 0, block)
+        softmax_weights(n, acc, work)
+        accumulate_rows(values, start, n, acc, work, 0)
 
 
-@register_jitable
-def attend_slots(q, keys, values, key_positions, end, query_position, window, sinks, scale, out, work):
+@inlined
+def attend_slots(q, keys, values, key_positions, end, query_position, window, sinks, scale, acc, work, block):
     """Fold the rows of ``keys``/``values`` whose stored position is visible from ``query_position`` (any row order).
 
     key_positions: (N,) int64, the absolute position held by each row (-1: empty). Row r takes part iff
     ``key_positions[r] < end`` and ``visible(query_position, key_positions[r], window, sinks)``; the others get
     score -inf. (``end`` lets a caller ignore positions it knows are not committed; ``query_position + 1`` ignores
-    nothing.) A tile is cut after
-    its last visible row, so rows 0 .. p of an unwrapped ring go through exactly the tiles :func:`attend_rows` uses
-    for the flat cache (the same arithmetic, hence bit-identical results).
+    nothing.) A tile is cut after its last visible row, so rows 0 .. p of an unwrapped ring go through exactly the
+    tiles :func:`attend_rows` uses for the flat cache (the same arithmetic, hence bit-identical results).
     """
     n_rows = keys.shape[0]
     for start in range(0, n_rows, TILE):
@@ -206,83 +306,73 @@ def attend_slots(q, keys, values, key_positions, end, query_position, window, si
                 n_visible += 1
         if n == 0:
             continue
-        score_tile(q, keys[start:start + n], n, scale, work)
+        score_rows(q, keys, start, n, scale, work, 0, block)
         if n_visible < n:  # some rows before the last visible one are masked
             for j in range(n):
                 position = key_positions[start + j]
                 if not (position < end and visible(query_position, position, window, sinks)):
-                    for g in range(q.shape[0]):
+                    for g in range(work.shape[0]):
                         work[g, j] = -np.inf  # masked: whatever the slot holds, its weight is exp(-inf) = 0
-        softmax_tile(values[start:start + n], n, out, work)
+        softmax_weights(n, acc, work)
+        accumulate_rows(values, start, n, acc, work, 0)
 
 
-@register_jitable(forceinline=True)
-def score_quantized_tile(q, k_tile, n, fmt, scale, work, scratch):
-    """Scores of a tile of n quantized key rows for the G query heads: each row is decoded once (into ``scratch``,
-    head_dim + 32 floats) and used for all G heads (GQA), as :func:`score_tile` widens an fp16 row."""
-    G = q.shape[0]
-    D = q.shape[1]
-    row = scratch[:D]
-    for j in range(n):
-        quant.dequantize_row(k_tile[j], fmt, scratch)
-        for g in range(G):
-            q_row = q[g]
-            s = np.float32(0.0)
-            for d in range(D):
-                s += q_row[d] * row[d]
-            work[g, j] = s * scale
+@inlined
+def decode_rows(rows, first, n, fmt, decoded, codes):
+    """Decode quantized rows first .. first+n-1 (uint8 ggml blocks of format ``fmt``) into ``decoded[0:n]``
+    (``decoded``: (MAX_ROWS, D) float32; ``codes``: (1, 32) float32 scratch for one block's codes)."""
+    for r in range(n):
+        quant.dequantize_row(rows[first + r], fmt, decoded[r], codes[0])
 
 
-@register_jitable(forceinline=True)
-def accumulate_quantized_rows(v_tile, n, fmt, out, work, scratch):
-    """``acc[g] += p_j * v~_j`` for n quantized value rows, each decoded once (into ``scratch``) for all G heads."""
-    G = out.shape[0]
-    D = out.shape[1]
-    row = scratch[:D]
-    for j in range(n):
-        quant.dequantize_row(v_tile[j], fmt, scratch)
-        for g in range(G):
-            p = work[g, j]
-            acc_row = out[g]
-            for d in range(D):
-                acc_row[d] += p * row[d]
-
-
-@register_jitable
-def attend_quantized_rows(q, keys, values, n_keys, fmt, scale, out, work, scratch):
+@inlined
+def attend_quantized_rows(q, keys, values, n_keys, fmt, scale, acc, work, block, decoded, codes):
     """Fold quantized key/value rows 0 .. n_keys-1 (all visible; uint8 ggml blocks of format ``fmt``) into the
-    running softmax, a tile at a time: the quantized twin of :func:`attend_rows`. ``scratch``: head_dim + 32 floats."""
+    running softmax: :func:`attend_rows`, with each group of rows decoded once into ``decoded`` (a stack array that
+    stays in L1; there is never a float copy of the store) and then used for all G heads."""
+    key_step = keys_per_pass(work.shape[0])
+    row_step = rows_per_pass(work.shape[0])
     for start in range(0, n_keys, TILE):
         n = min(TILE, n_keys - start)
-        score_quantized_tile(q, keys[start:start + n], n, fmt, scale, work, scratch)
-        softmax_weights(n, out, work)
-        accumulate_quantized_rows(values[start:start + n], n, fmt, out, work, scratch)
+        for j in range(0, n, key_step):
+            count = min(key_step, n - j)
+            decode_rows(keys, start + j, count, fmt, decoded, codes)
+            score_rows(q, decoded, 0, count, scale, work, j, block)
+        softmax_weights(n, acc, work)
+        for r in range(0, n, row_step):
+            count = min(row_step, n - r)
+            decode_rows(values, start + r, count, fmt, decoded, codes)
+            accumulate_rows(decoded, 0, count, acc, work, r)
 
 
-@register_jitable
-def softmax_finish(out, work):
+@inlined
+def softmax_finish(acc, work, out):
     """End the online softmax: ``out = acc / l`` (zeros when no key was visible)."""
-    for g in range(out.shape[0]):
-        total = work[g, TILE + 1]
+    G, D = acc.shape
+    for g in range(G):
+        total = work[g, L_COLUMN]
         inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
-        for d in range(out.shape[1]):
-            out[g, d] *= inv
+        for d in range(D):
+            out[g, d] = acc[g, d] * inv
 
 
 @register_jitable
-def attend_group(q, keys, values, n_keys, scale, out, work):
+def attend_group(q, keys, values, n_keys, scale, out, group, head_dim):
     """Attention of the G query heads of one KV head over ``n_keys`` visible key/value rows (rows 0 .. n_keys-1).
 
     q:       (G, D) float32        the G query heads that share this KV head
     keys:    (N, D) float32|uint16  rows 0 .. n_keys-1 are visible (uint16 = fp16 bit patterns)
     values:  (N, D) same dtype as keys
     scale:   float32, usually 1/sqrt(D)
-    out:     (G, D) float32        receives the attention output; used as the accumulator ``acc``
-    work:    (G, WORK_COLUMNS) float32 scratch: one tile's scores, then m (column TILE) and l (column TILE + 1)
+    out:     (G, D) float32        receives the attention output
+    group, head_dim: G and D (compile-time constants when compiled)
     """
-    softmax_start(out, work)
-    attend_rows(q, keys, values, n_keys, scale, out, work)
-    softmax_finish(out, work)
+    acc = local_array((group, head_dim))  # the unnormalised output
+    work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
+    block = local_array((MAX_KEYS, group))  # the sums of one score pass
+    softmax_start(acc, work)
+    attend_rows(q, keys, values, n_keys, scale, acc, work, block)
+    softmax_finish(acc, work, out)
 
 
 @register_jitable
@@ -295,28 +385,36 @@ def ring_run(lo, hi, capacity):
 
 
 @register_jitable
-def attend_gathered_tokens(keys, values, key_positions, positions, window, sinks, q, scale, out):
+def attend_gathered_one(keys, values, key_positions, positions, window, sinks, q, scale, out, i, t, h, group,
+                        head_dim):
+    """The G query heads of KV head h, for query t of sequence i, over the gathered rows (see below)."""
+    acc = local_array((group, head_dim))
+    work = local_array((group, WORK_COLUMNS))
+    block = local_array((MAX_KEYS, group))
+    p = positions[i, t]
+    q_heads = q[i, t, h * group:(h + 1) * group]
+    softmax_start(acc, work)
+    attend_slots(q_heads, keys[i, h], values[i, h], key_positions[i], p + 1, p, window, sinks, scale, acc, work,
+                 block)
+    softmax_finish(acc, work, out[i, t, h * group:(h + 1) * group])
+
+
+@register_jitable
+def attend_gathered_tokens(keys, values, key_positions, positions, window, sinks, q, scale, out, group, head_dim):
     """Attention over gathered float32 K/V rows that carry their positions (a dense reference layout: the two-tier
     cache's materializing path builds it from both tiers and the step's rows; the golden suite's dense attention
     cases), masked by the window rule :func:`visible` (W = ``window``, S = ``sinks``).
 
     keys, values: (n_seq, kv_heads, N, D) float32;  key_positions: (n_seq, N) int64, -1 for padding
     positions: (n_seq, T) query positions;  q, out: (n_seq, T, q_heads, D) float32
+    group, head_dim: G = q_heads // kv_heads and D (compile-time constants when compiled)
     """
-    n_seq, n_tokens, q_heads, _ = q.shape
-    kv_heads = keys.shape[1]
-    group = q_heads // kv_heads
-    work = np.empty((group, WORK_COLUMNS), np.float32)
+    n_seq, n_tokens = positions.shape
     for i in range(n_seq):
         for t in range(n_tokens):
-            p = positions[i, t]
-            for h in range(kv_heads):
-                q_heads_h = q[i, t, h * group:(h + 1) * group]
-                out_heads = out[i, t, h * group:(h + 1) * group]
-                softmax_start(out_heads, work)
-                attend_slots(q_heads_h, keys[i, h], values[i, h], key_positions[i], p + 1, p, window, sinks, scale,
-                             out_heads, work)
-                softmax_finish(out_heads, work)
+            for h in range(keys.shape[1]):
+                attend_gathered_one(keys, values, key_positions, positions, window, sinks, q, scale, out, i, t, h,
+                                    group, head_dim)
 
 
 def default_scale(head_dim):

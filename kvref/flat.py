@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import WORK_COLUMNS, attend_group
+from .attention import attend_group
 from .cache import CacheBase, Step, freeze
 from .errors import CacheOverflowError
 from .shapes import check_index, check_positive_int
@@ -76,21 +76,20 @@ def write_tokens(kv, layer, seq_ids, slots, k_new, v_new):
 
 
 @register_jitable
-def attend_one(kv, layer, seq_ids, positions, q, scale, out, work, i, t, h):
+def attend_one(kv, layer, seq_ids, positions, q, scale, out, i, t, h, group, head_dim):
     """Attention of the G query heads of KV head h, for new token t of step-sequence i.
 
     A query at position p sees slots 0..p of its sequence: n_visible = p + 1 (the flat cache keeps every token).
-    Query heads h*G .. h*G+G-1 share KV head h (GQA; G = q_heads // kv_heads).
+    Query heads h*G .. h*G+G-1 share KV head h (GQA; G = ``group`` = q_heads // kv_heads, D = ``head_dim``).
     """
     seq = seq_ids[i]
-    group = q.shape[2] // kv.shape[3]
     first = h * group
     n_visible = positions[i, t] + 1
     q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
     keys = kv[layer, 0, seq, h]  # (max_tokens, D) this sequence's K rows of head h, slot = position
     values = kv[layer, 1, seq, h]  # (max_tokens, D)
     out_heads = out[i, t, first:first + group]  # (G, D)
-    attend_group(q_heads, keys, values, n_visible, scale, out_heads, work)
+    attend_group(q_heads, keys, values, n_visible, scale, out_heads, group, head_dim)
 
 
 @register_jitable
@@ -101,19 +100,19 @@ def work_item(item, n_tokens, kv_heads):
 
 
 @register_jitable
-def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
+def attend_tokens(kv, layer, seq_ids, positions, q, scale, out, group, head_dim):
     """Decode attention (T = 1) or causal chunked prefill (T > 1) of one layer for every new token.
 
     q:    (n_seq, T, q_heads, D) float32;  out: same shape, float32, overwritten
     positions: (n_seq, T) int64 absolute positions of the new tokens (already written to the cache)
+    group, head_dim: G = q_heads // kv_heads and D; compiled, they are constants (kvref/attention.py,
+    "Specialisation")
     """
-    n_seq, n_tokens, q_heads, head_dim = q.shape
-    group = q_heads // kv.shape[3]
-    work = np.empty((group, WORK_COLUMNS), np.float32)
+    n_seq, n_tokens = positions.shape
     for i in range(n_seq):
         for t in range(n_tokens):
             for h in range(kv.shape[3]):
-                attend_one(kv, layer, seq_ids, positions, q, scale, out, work, i, t, h)
+                attend_one(kv, layer, seq_ids, positions, q, scale, out, i, t, h, group, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +205,8 @@ class FlatCache(CacheBase):
         self._ops.write_tokens(self._kv, layer, step.seq_ids, step.slots, k_store, v_store)
 
     def _attend(self, step, layer, q, scale, out):
-        self._ops.attend_tokens(self._kv, layer, step.seq_ids, step.positions, q, scale, out)
+        self._ops.attend_tokens(self._kv, layer, step.seq_ids, step.positions, q, scale, out, self.shape.group_size,
+                                self.shape.head_dim)
 
     def _commit(self, step):
         """Nothing beyond ``length += T``: the K/V are in their slots already."""

@@ -78,7 +78,8 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import TILE, WORK_COLUMNS, accumulate_rows, score_tile, softmax_finish, softmax_start, softmax_weights
+from .attention import (MAX_KEYS, TILE, WORK_COLUMNS, accumulate_rows, local_array, score_rows, softmax_finish,
+                        softmax_start, softmax_weights)
 from .backends import HOST
 from .cache import CacheBase, Step, allocate, freeze
 from .errors import CacheOverflowError, PoolExhaustedError, ShapeError
@@ -169,68 +170,70 @@ def run_of(table_row, start, position, end, block_size):
 
 
 @register_jitable
-def attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, first_head, end_head):
+def attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, first_head, end_head, group, head_dim,
+               kv_heads):
     """Paged attention of new token t of step-sequence i, for KV heads ``first_head .. end_head - 1`` and their G
     query heads each (GQA: query heads h*G .. h*G+G-1 share KV head h).
 
     The query at position p sees positions ``starts[i] .. p``, taken a tile (``TILE`` positions) at a time, as in
     the flat cache; a tile may span several blocks, each holding a run of consecutive rows (:func:`run_of`). For
-    each head, the scores of the tile's keys are written run by run into the tile's columns of its scratch, the
-    online softmax takes the tile (``softmax_weights``), and then the values are added run by run
-    (``accumulate_rows``): the flat cache's ``attend_rows``, with the rows fetched through the block table.
+    each head, the scores of the tile's keys are written run by run into the tile's columns of its scratch
+    (``score_rows``), the online softmax takes the tile (``softmax_weights``), and then the values are added run by
+    run (``accumulate_rows``): the flat cache's ``attend_rows``, with the rows fetched through the block table.
 
     Loop order: tiles outside, heads inside, and the keys of every head before the values. A block's K rows of
     consecutive heads are consecutive in the pool (so are its V rows), so each tile is read as a sweep over K and a
     sweep over V, wherever its blocks lie. (Head by head, a pool of 16-token blocks is read 8 KiB at a time with a
-    jump in between, which costs a CPU 2-3x; see BENCHMARKS.md.)
+    jump in between, which costs a CPU 2-3x; see BENCHMARKS.md.) So there is one online softmax per KV head.
 
-    work: (end_head - first_head, G, WORK_COLUMNS) float32 scratch, one online softmax per KV head.
+    group, head_dim, kv_heads: G, D and the most KV heads one call takes (at least end_head - first_head), constants
+    when compiled (kvref/attention.py, "Specialisation")
     """
+    acc = local_array((kv_heads, group, head_dim))  # the unnormalised output of each KV head's G query heads
+    work = local_array((kv_heads, group, WORK_COLUMNS))  # each head's tile scores, then m and l
+    block = local_array((MAX_KEYS, group))  # the sums of one score pass
     block_size = kv.shape[4]
-    group = q.shape[2] // kv.shape[3]
     for h in range(first_head, end_head):
-        softmax_start(out[i, t, h * group:(h + 1) * group], work[h - first_head])
+        softmax_start(acc[h - first_head], work[h - first_head])
     position = starts[i]
     end = positions[i, t] + 1
     while position < end:
         tile_end = min(end, position + TILE)
         for h in range(first_head, end_head):  # the tile's keys, head after head: a sweep over K
+            q_heads = q[i, t, h * group:(h + 1) * group]  # (G, D) the query heads of KV head h
             p = position
             while p < tile_end:
-                block, offset, n = run_of(tables[i], starts[i], p, tile_end, block_size)
-                q_heads = q[i, t, h * group:(h + 1) * group]  # (G, D) the query heads of KV head h
-                k_rows = kv[layer, 0, block, h, offset:]  # (B - offset, D) the block's K rows from this position
-                scores = work[h - first_head, :, p - position:]  # (G, ...) the tile's score columns from p
-                score_tile(q_heads, k_rows, n, scale, scores)
+                table_block, offset, n = run_of(tables[i], starts[i], p, tile_end, block_size)
+                k_rows = kv[layer, 0, table_block, h]  # (B, D) the block's K rows
+                score_rows(q_heads, k_rows, offset, n, scale, work[h - first_head], p - position, block)
                 p += n
-            softmax_weights(tile_end - position, out[i, t, h * group:(h + 1) * group], work[h - first_head])
+            softmax_weights(tile_end - position, acc[h - first_head], work[h - first_head])
         for h in range(first_head, end_head):  # then the tile's values: a sweep over V
             p = position
             while p < tile_end:
-                block, offset, n = run_of(tables[i], starts[i], p, tile_end, block_size)
-                v_rows = kv[layer, 1, block, h, offset:]  # (B - offset, D)
-                out_heads = out[i, t, h * group:(h + 1) * group]  # (G, D) the accumulator
-                accumulate_rows(v_rows, n, out_heads, work[h - first_head, :, p - position:])
+                table_block, offset, n = run_of(tables[i], starts[i], p, tile_end, block_size)
+                v_rows = kv[layer, 1, table_block, h]  # (B, D)
+                accumulate_rows(v_rows, offset, n, acc[h - first_head], work[h - first_head], p - position)
                 p += n
         position = tile_end
     for h in range(first_head, end_head):
-        softmax_finish(out[i, t, h * group:(h + 1) * group], work[h - first_head])
+        softmax_finish(acc[h - first_head], work[h - first_head], out[i, t, h * group:(h + 1) * group])
 
 
 @register_jitable
-def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
+def attend_tokens(kv, layer, tables, starts, positions, q, scale, out, group, head_dim, kv_heads):
     """Paged decode attention (T = 1) or causal chunked prefill (T > 1) of one layer for every new token.
 
     tables: (n_seq, C) int64, the step's sequences' block tables (held blocks, oldest first; -1 after the last)
     starts: (n_seq,) int64, each sequence's first held position;  positions: (n_seq, T) int64
     q, out: (n_seq, T, q_heads, D) float32 (out is overwritten)
+    group, head_dim, kv_heads: G, D and the KV heads, constants when compiled (kvref/attention.py, "Specialisation")
     """
-    n_seq, n_tokens, q_heads, head_dim = q.shape
-    kv_heads = kv.shape[3]
-    work = np.empty((kv_heads, q_heads // kv_heads, WORK_COLUMNS), np.float32)
+    n_seq, n_tokens = positions.shape
     for i in range(n_seq):
         for t in range(n_tokens):
-            attend_one(kv, layer, tables, starts, positions, q, scale, out, work, i, t, 0, kv_heads)
+            attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, 0, kv_heads, group, head_dim,
+                       kv_heads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,7 +456,8 @@ class PooledCache(SequenceRows, CacheBase):
         self._ops.write_tokens(self._kv, layer, step.slots, k_store, v_store)
 
     def _attend(self, step, layer, q, scale, out):
-        self._ops.attend_tokens(self._kv, layer, step.tables, step.starts, step.positions, q, scale, out)
+        self._ops.attend_tokens(self._kv, layer, step.tables, step.starts, step.positions, q, scale, out,
+                                self.shape.group_size, self.shape.head_dim, self.shape.kv_heads)
 
     def _commit(self, step):
         """Keep the dry run's books (blocks taken, copies, evictions, lengths)."""

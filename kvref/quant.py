@@ -352,18 +352,14 @@ def quantize_row(row, fmt, blocks, scratch):
 
 
 @register_jitable(forceinline=True)
-def dequantize_row(row, fmt, scratch):
-    """Decode one quantized row (its ggml blocks) into ``scratch[:head_dim]``, block by block:
-    ``x~_j = d * c_j (+ m)`` (``scratch[head_dim:head_dim + 32]`` holds one block's codes). Attention decodes one row
-    at a time into this scratch, which stays in L1: there is never a float copy of the store. (It returns nothing:
-    CUDA device functions cannot return a view.)"""
+def dequantize_row(row, fmt, out, codes):
+    """Decode one quantized row (its ggml blocks) into ``out`` (head_dim floats), block by block:
+    ``x~_j = d * c_j (+ m)`` (``codes``: 32 floats of scratch for one block's codes). Attention decodes a few rows at
+    a time into a scratch that stays in L1: there is never a float copy of the store. (It returns nothing: CUDA
+    device functions cannot return a view.)"""
     block_bytes = layout(fmt)[3]
-    D = scratch.shape[0] - BLOCK  # head_dim
-    out = scratch[:D]
-    codes = scratch[D:]
-    for b in range(D // BLOCK):
-        dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt,
-                               out[b * BLOCK:(b + 1) * BLOCK], codes)
+    for b in range(out.shape[0] // BLOCK):
+        dequantize_block(row[b * block_bytes:(b + 1) * block_bytes], fmt, out[b * BLOCK:(b + 1) * BLOCK], codes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import WORK_COLUMNS, attend_slots, softmax_finish, softmax_start
+from .attention import MAX_KEYS, WORK_COLUMNS, attend_slots, local_array, softmax_finish, softmax_start
 from .cache import CacheBase, Step, allocate, check_integer, freeze
 from .errors import IndexOutOfRangeError, StaleStepError
 from .shapes import check_index, check_positive_int
@@ -153,47 +153,49 @@ def write_tokens(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_
 
 @register_jitable
 def attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out,
-               work, i, t, h):
+               i, t, h, group, head_dim):
     """Attention of the G query heads of KV head h for new token t (position p) of step-sequence i.
 
     The keys are those of the ring slots whose stored position is visible from p (for a deferred step: and below the
-    step's first position), then those of the step's held-aside chunk (``pending_k/v[i, :, h]``, at ``positions[i, :]``; empty unless the step is deferred) that are
-    visible from p. Both go through one online softmax; the order of the keys does not matter.
+    step's first position), then those of the step's held-aside chunk (``pending_k/v[i, :, h]``, at
+    ``positions[i, :]``; empty unless the step is deferred) that are visible from p. Both go through one online
+    softmax; the order of the keys does not matter.
     """
+    acc = local_array((group, head_dim))  # the unnormalised output of the G heads
+    work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
+    block = local_array((MAX_KEYS, group))  # the sums of one score pass
     seq = seq_ids[i]
-    group = q.shape[2] // kv.shape[3]
     first = h * group
     p = positions[i, t]
     q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
-    out_heads = out[i, t, first:first + group]  # (G, D)
     # A deferred step reads the ring only below its first position: a slot holding a position >= the length can
     # only be left over from a step that was written but never advanced, and the chunk brings its own keys.
     ring_end = positions[i, 0] if pending_k.shape[1] > 0 else p + 1
-    softmax_start(out_heads, work)
+    softmax_start(acc, work)
     keys = kv[layer, 0, seq, h]  # (W, D) the ring's K rows of head h, in slot order
     values = kv[layer, 1, seq, h]  # (W, D)
     held = slot_positions[layer, seq]  # (W,) the position each slot holds, -1 if empty
-    attend_slots(q_heads, keys, values, held, ring_end, p, window, sinks, scale, out_heads, work)
+    attend_slots(q_heads, keys, values, held, ring_end, p, window, sinks, scale, acc, work, block)
     chunk_k = pending_k[i, :, h]  # (T or 0, D) the step's held-aside keys of head h (deferred steps)
     chunk_v = pending_v[i, :, h]  # (T or 0, D)
-    attend_slots(q_heads, chunk_k, chunk_v, positions[i], p + 1, p, window, sinks, scale, out_heads, work)
-    softmax_finish(out_heads, work)
+    attend_slots(q_heads, chunk_k, chunk_v, positions[i], p + 1, p, window, sinks, scale, acc, work, block)
+    softmax_finish(acc, work, out[i, t, first:first + group])
 
 
 @register_jitable
-def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out):
+def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out,
+                  group, head_dim):
     """Decode attention (T = 1) or chunked prefill (T > 1) over the ring for every new token of one layer.
 
     q, out: (n_seq, T, q_heads, D) float32; pending_k/v: (n_seq, T or 0, kv_heads, D) in the storage dtype
+    group, head_dim: G and D, constants when compiled (kvref/attention.py, "Specialisation")
     """
-    n_seq, n_tokens, q_heads, head_dim = q.shape
-    group = q_heads // kv.shape[3]
-    work = np.empty((group, WORK_COLUMNS), np.float32)
+    n_seq, n_tokens = positions.shape
     for i in range(n_seq):
         for t in range(n_tokens):
             for h in range(kv.shape[3]):
                 attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q,
-                           scale, out, work, i, t, h)
+                           scale, out, i, t, h, group, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,7 +333,8 @@ class RingCache(CacheBase):
             empty = (step.seq_ids.size, 0, self.shape.kv_heads, self.shape.head_dim)
             pending_k = pending_v = self._ops.zeros(empty, self.shape.storage_dtype)
         self._ops.attend_tokens(self._kv, self._slot_positions, layer, step.seq_ids, step.positions, pending_k,
-                                pending_v, self.window, self.sinks, q, scale, out)
+                                pending_v, self.window, self.sinks, q, scale, out, self.shape.group_size,
+                                self.shape.head_dim)
 
     def _commit(self, step):
         """A deferred step's K/V go into the ring now."""

@@ -55,8 +55,8 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import quant
-from .attention import (WORK_COLUMNS, attend_gathered_tokens, attend_quantized_rows, attend_rows, first_visible,
-                        ring_run, softmax_finish, softmax_start)
+from .attention import (MAX_KEYS, MAX_ROWS, WORK_COLUMNS, attend_gathered_tokens, attend_quantized_rows, attend_rows,
+                        first_visible, local_array, ring_run, softmax_finish, softmax_start)
 from .cache import CacheBase, Step, allocate, freeze
 from .errors import DTypeError, IndexOutOfRangeError, ShapeError
 from .shapes import CacheShape, check_index, check_positive_int
@@ -153,55 +153,57 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable
 def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
-               work, scratch, i, t, h):
+               i, t, h, group, head_dim):
     """Attention of the G query heads of KV head h for new token t (position p) of step-sequence i over the keys
     ``p - M < j <= p``: store positions [lo, m), tail positions [m, L), step positions [L, p] (see the docstring)."""
+    acc = local_array((group, head_dim))  # the unnormalised output of the G heads
+    work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
+    block = local_array((MAX_KEYS, group))  # the sums of one score pass
+    decoded = local_array((MAX_ROWS, head_dim))  # a few stored rows, decoded
+    codes = local_array((1, quant.BLOCK))  # one block's codes
     seq = seq_ids[i]
-    group = q.shape[2] // tail.shape[3]
     first = h * group
     q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
-    out_heads = out[i, t, first:first + group]  # (G, D)
     p = positions[i, t]
     length = positions[i, 0]
     migrated = tiers[i, 0]
     lo = first_visible(p, window)
-    softmax_start(out_heads, work)
-    if lo < migrated:  # the quantized store, dequantized block by block
+    softmax_start(acc, work)
+    if lo < migrated:  # the quantized store, dequantized a few rows at a time
         keys = store[layer, 0, seq, h]  # (S, row_bytes) uint8: each row is head_dim / 32 ggml blocks
         values = store[layer, 1, seq, h]  # (S, row_bytes)
         start, n_first, n_second = ring_run(lo, migrated, store.shape[4])
         attend_quantized_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, fmt,
-                              scale, out_heads, work, scratch)
-        attend_quantized_rows(q_heads, keys, values, n_second, fmt, scale, out_heads, work, scratch)
+                              scale, acc, work, block, decoded, codes)
+        attend_quantized_rows(q_heads, keys, values, n_second, fmt, scale, acc, work, block, decoded, codes)
     tail_lo = max(lo, migrated)
     if tail_lo < length:  # the tail, as stored
         keys = tail[layer, 0, seq, h]  # (R, D) the tail ring's rows, slot p % R
         values = tail[layer, 1, seq, h]  # (R, D)
         start, n_first, n_second = ring_run(tail_lo, length, tail.shape[4])
-        attend_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, scale, out_heads,
-                    work)
-        attend_rows(q_heads, keys, values, n_second, scale, out_heads, work)
+        attend_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, scale, acc, work,
+                    block)
+        attend_rows(q_heads, keys, values, n_second, scale, acc, work, block)
     step_lo = max(lo, length)  # the step's own tokens up to p, as given to write()
     attend_rows(q_heads, pending_k[i, step_lo - length:, h], pending_v[i, step_lo - length:, h], p + 1 - step_lo,
-                scale, out_heads, work)
-    softmax_finish(out_heads, work)
+                scale, acc, work, block)
+    softmax_finish(acc, work, out[i, t, first:first + group])
 
 
 @register_jitable
-def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out):
+def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
+                  group, head_dim):
     """Decode attention (T = 1) or chunked prefill (T > 1) of one layer for every new token.
 
     q, out: (n_seq, T, q_heads, D) float32;  window: M (max_tokens);  fmt: the store's ggml type number
+    group, head_dim: G and D, constants when compiled (kvref/attention.py, "Specialisation")
     """
-    n_seq, n_tokens, q_heads, _ = q.shape
-    kv_heads = tail.shape[3]
-    work = np.empty((q_heads // kv_heads, WORK_COLUMNS), np.float32)
-    scratch = np.empty(q.shape[3] + quant.BLOCK, np.float32)  # one dequantized row + one block's codes
+    n_seq, n_tokens = positions.shape
     for i in range(n_seq):
         for t in range(n_tokens):
-            for h in range(kv_heads):
+            for h in range(tail.shape[3]):
                 attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale,
-                           out, work, scratch, i, t, h)
+                           out, i, t, h, group, head_dim)
 
 
 #: the materializing path's attention (teaching, cross-check): attention over gathered float32 rows
@@ -397,7 +399,8 @@ class TwoTierCache(CacheBase):
         """Reads the store block by block (no dequantized copy), the tail and the held-aside step."""
         pending_k, pending_v = self._pending[layer]
         self._ops.attend_tokens(self._kv, self._store, layer, step.seq_ids, step.positions, step.tiers, pending_k,
-                                pending_v, self.max_tokens, self.format_id, q, scale, out)
+                                pending_v, self.max_tokens, self.format_id, q, scale, out, self.shape.group_size,
+                                self.shape.head_dim)
 
     def materialize(self, step, layer):
         """Float32 copies of every key and value the step's queries may see, per step-sequence: (keys, values,
@@ -434,7 +437,7 @@ class TwoTierCache(CacheBase):
         host_out = np.empty(out.shape, np.float32)
         backend_ops(self.variant, self._host_backend()).attend_materialized_tokens(
             keys, values, key_positions, step.positions, self.max_tokens, 0, np.asarray(self._ops.to_host(q)), scale,
-            host_out)
+            host_out, self.shape.group_size, self.shape.head_dim)
         if self._ops.is_device_array(out):
             out.copy_to_device(host_out)
         else:

@@ -169,9 +169,16 @@ def test_strict_read_limit_says_when_memory_is_short(monkeypatch):
 
 
 def test_attention_dispatchers_cover_every_variant():
+    import importlib
+
+    for variant in ("flat", "ring", "pooled", "two_tier"):  # build one specialisation of each (compiled lazily)
+        module = importlib.import_module(f"kvref.cpu.{variant}")
+        module.ATTEND(2, 16, 3) if variant == "pooled" else module.ATTEND(2, 16)
     names = [name for name, _ in asm.attention_dispatchers()]
-    for variant in ("flat", "ring", "pooled", "two_tier"):
-        assert f"{variant}.attend_tokens_serial" in names and f"{variant}.attend_tokens_parallel" in names
+    for variant in ("flat", "ring", "two_tier"):
+        assert f"{variant}.attend[G=2, D=16].serial" in names and f"{variant}.attend[G=2, D=16].parallel" in names
+    assert "pooled.attend[G=2, D=16, kv_heads=3].serial" in names
+    assert "two_tier.attend[G=2, D=16].materialized" in names
 
 
 def test_report_shows_both_references_and_the_assembly():

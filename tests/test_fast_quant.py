@@ -155,10 +155,9 @@ def test_every_fp16_scale_and_min(fmt, field):
 
 def _row_decoder(fastmath):
     def decode_rows(rows, fid, out):
-        scratch = np.empty(out.shape[1] + quant.BLOCK, np.float32)
+        codes = np.empty(quant.BLOCK, np.float32)
         for r in range(rows.shape[0]):
-            quant.dequantize_row(rows[r], fid, scratch)  # the format a run-time value, as in attention
-            out[r] = scratch[:out.shape[1]]
+            quant.dequantize_row(rows[r], fid, out[r], codes)  # the format a run-time value, as in attention
 
     return numba.njit(fastmath=set(fastmath) if fastmath else False)(decode_rows)
 
@@ -174,11 +173,11 @@ def test_compiled_dequantize_row_equals_python(case, name):
     ROW_DECODERS[name](rows, quant.GGML_TYPES[fmt], got)
     assert_same_bits(got, want.reshape(-1, D))
     # and the plain-Python dequantize_row itself, on a few rows
-    scratch = np.empty(D + B, np.float32)
+    row, codes = np.empty(D, np.float32), np.empty(B, np.float32)
     for r in range(0, rows.shape[0], max(1, rows.shape[0] // 7)):
         with np.errstate(invalid="ignore"):
-            quant.dequantize_row(rows[r], quant.GGML_TYPES[fmt], scratch)
-        assert_same_bits(got[r], scratch[:D])
+            quant.dequantize_row(rows[r], quant.GGML_TYPES[fmt], row, codes)
+        assert_same_bits(got[r], row)
 
 
 @numba.njit

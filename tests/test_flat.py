@@ -119,7 +119,13 @@ def check_stored(cache, model):
 # ---------------------------------------------------------------------------------------------------------------
 # the attention spec itself, across tile boundaries
 # ---------------------------------------------------------------------------------------------------------------
-_attend_group_njit = numba.njit(kvattention.attend_group)
+def _attend_group_njit(group, head_dim):
+    """attend_group compiled for one (G, D): the shape frozen as closure constants, as kvref/cpu specialises."""
+
+    def attend(q, k, v, n_keys, scale, out):
+        kvattention.attend_group(q, k, v, n_keys, scale, out, group, head_dim)
+
+    return numba.njit(attend)
 
 
 @pytest.mark.parametrize("runner", ["python", "njit"])
@@ -137,10 +143,11 @@ def test_attend_group_matches_oracle_across_tiles(rng, runner, dtype, group, n_k
     v[n_keys:] = np.nan
     ks, vs = (k.view(np.uint16), v.view(np.uint16)) if dtype == "float16" else (k, v)
     out = np.full((group, D), np.nan, np.float32)
-    work = np.empty((group, kvattention.TILE + 2), np.float32)
     scale = np.float32(1 / math.sqrt(D))
-    fn = kvattention.attend_group if runner == "python" else _attend_group_njit
-    fn(q, ks, vs, n_keys, scale, out, work)
+    if runner == "python":
+        kvattention.attend_group(q, ks, vs, n_keys, scale, out, group, D)
+    else:
+        _attend_group_njit(group, D)(q, ks, vs, n_keys, scale, out)
     for g in range(group):
         expected = oracle.attention(q[g], k[:n_keys].astype(np.float64), v[:n_keys].astype(np.float64), float(scale))
         np.testing.assert_allclose(out[g], expected, rtol=0, atol=ATOL)
@@ -709,8 +716,9 @@ def test_cpu_parallel_schedule_matches_serial_and_oracle(rng, dtype):
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        cpu_flat.attend_tokens_serial(storage, 0, step.seq_ids, step.positions, q, scale, serial)
-        cpu_flat.attend_tokens_parallel(storage, 0, step.seq_ids, step.positions, q, scale, parallel)
+        attend_serial, attend_parallel = cpu_flat.ATTEND(4, 32)  # G = 8 // 2, D = 32
+        attend_serial(storage, 0, step.seq_ids, step.positions, q, scale, serial)
+        attend_parallel(storage, 0, step.seq_ids, step.positions, q, scale, parallel)
     finally:
         numba.set_num_threads(threads)
     np.testing.assert_allclose(parallel, serial, rtol=0, atol=1e-6)

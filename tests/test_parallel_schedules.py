@@ -1,4 +1,4 @@
-"""The CPU backend's prange schedules (``attend_tokens_parallel`` in kvref/cpu/<variant>.py) against the spec.
+"""The CPU backend's prange schedules (each shape's ``parallel`` in kvref/cpu/<variant>.py) against the spec.
 
 A cpu cache picks its parallel schedule only for steps with enough work and more than one thread, which the small
 shapes of the other tests never reach. Here the threshold is lowered to 0 and the thread count reported as 2, so
@@ -34,8 +34,13 @@ def test_parallel_schedule_matches_the_spec(variant, monkeypatch):
     monkeypatch.setattr(kvref.cpu, "PARALLEL_MIN_ROWS", 0)
     monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
     calls = []
-    parallel = module.attend_tokens_parallel
-    monkeypatch.setattr(module, "attend_tokens_parallel", lambda *args: calls.append(1) or parallel(*args))
+    chosen = kvref.cpu.choose_schedule
+
+    def choose(rows, work_items, serial, parallel):  # count the calls that take the prange schedule
+        picked = chosen(rows, work_items, serial, parallel)
+        return (lambda *args: calls.append(1) or parallel(*args)) if picked is parallel else picked
+
+    monkeypatch.setattr(module, "choose_schedule", choose)
     rng = np.random.default_rng(0)
     spec, cpu = MAKERS[variant]("python"), MAKERS[variant]("cpu")
     if variant == "pooled":

@@ -7,7 +7,8 @@ does show it. It needs the CUDA 13 compiler libraries: ``pip install kvref[cu13]
 this test is skipped.
 
 Every module ``kvref/cuda/<variant>.py`` lists its kernels in ``KERNELS = {name: (python_body, [signatures])}``,
-and this test compiles each body for each signature.
+and this test compiles each body for each signature. Attend kernels are specialised per shape (G, D: constants,
+kvref/attention.py "Specialisation"), and ``KERNELS`` lists them for each shape of ``kvref.cuda.PTX_SHAPES``.
 
 **How.** The compile runs in a child process (this file run as a script; ``python tests/test_ptx.py`` prints a
 report), for three reasons: ``numba.cuda`` is never imported into the pytest process of ``tests/`` (kvref leaves the
@@ -115,7 +116,9 @@ def test_every_cuda_kernel_compiles_to_sm90_ptx():
     assert not result["failures"], f"kernels that do not compile for sm_90:\n{failures}"
     assert result["kernels"], "no kernels found in kvref.cuda"
     names = {k["kernel"] for k in result["kernels"]}
-    assert {"kvref.cuda.flat:flat.write", "kvref.cuda.flat:flat.attend"} <= names
+    assert "kvref.cuda.flat:flat.write" in names
+    for variant in ("flat", "ring", "pooled", "two_tier"):  # every attend kernel, specialised for each PTX shape
+        assert len({n for n in names if n.startswith(f"kvref.cuda.{variant}:{variant}.attend[")}) >= 4, names
     for k in result["kernels"]:
         assert k["entry_found"] and k["target"] == "sm_90", k
 

@@ -459,7 +459,7 @@ def test_spec_attention_is_invariant_under_slot_permutation(rng):
     empty = np.zeros((1, 0, Hkv, D), np.float32)
     scale = kvref.default_scale(D)
     base = np.zeros_like(q)
-    kvring.attend_tokens(kv, slot_positions, 0, seq_ids, positions, empty, empty, W, 0, q, scale, base)
+    kvring.attend_tokens(kv, slot_positions, 0, seq_ids, positions, empty, empty, W, 0, q, scale, base, Hq // Hkv, D)
     order = [p % W for p in range(7, 13)]  # slots in position order
     keys = kv[0, 0, 0][:, order].astype(np.float64)
     values = kv[0, 1, 0][:, order].astype(np.float64)
@@ -468,7 +468,7 @@ def test_spec_attention_is_invariant_under_slot_permutation(rng):
     for perm in ([5, 4, 3, 2, 1, 0], [2, 0, 5, 1, 4, 3], [1, 2, 3, 4, 5, 0]):
         out = np.zeros_like(q)
         kvring.attend_tokens(np.ascontiguousarray(kv[..., perm, :]), np.ascontiguousarray(slot_positions[..., perm]),
-                             0, seq_ids, positions, empty, empty, W, 0, q, scale, out)
+                             0, seq_ids, positions, empty, empty, W, 0, q, scale, out, Hq // Hkv, D)
         np.testing.assert_allclose(out, base, rtol=0, atol=1e-6)
 
 

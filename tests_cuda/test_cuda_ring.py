@@ -51,7 +51,7 @@ def test_cuda_ring_backend_is_numba_cuda():
     assert available, reason
     _, dev = _pair()
     assert isinstance(dev._kv, type(cuda.device_array(1)))
-    assert set(cuda_ring.KERNELS) == {"ring.write", "ring.attend"}
+    assert {name.split("[")[0] for name in cuda_ring.KERNELS} == {"ring.write", "ring.attend"}
 
 
 @pytest.mark.parametrize("window,sinks", RINGS, ids=["W4", "W5-S2"])

@@ -332,10 +332,13 @@ def asm_report(dispatcher):
 def attention_dispatchers(variants=("flat", "ring", "pooled", "two_tier")):
     """(name, dispatcher) of every compiled attention function of the CPU backend: each Numba dispatcher whose
     name contains "attend" in ``kvref.cpu.<variant>``, also inside a dict or list there (per-format or per-shape
-    specialisations), so that new ones are picked up without being listed here."""
+    specialisations), and every specialisation its ``ATTEND`` (:class:`kvref.lowering.Specialisations`) has built
+    so far, named ``<variant>.attend[G=.., D=..].<function>``; new ones are picked up without being listed here."""
     import importlib
 
     from numba.core.dispatcher import Dispatcher
+
+    from ..lowering import Specialisations
 
     found = []
     for variant in variants:
@@ -349,6 +352,11 @@ def attention_dispatchers(variants=("flat", "ring", "pooled", "two_tier")):
                 found += [(f"{variant}.{name}[{k!r}]", v) for k, v in obj.items() if isinstance(v, Dispatcher)]
             elif isinstance(obj, (list, tuple)):
                 found += [(f"{variant}.{name}[{i}]", v) for i, v in enumerate(obj) if isinstance(v, Dispatcher)]
+        specialisations = getattr(module, "ATTEND", None)
+        if isinstance(specialisations, Specialisations):
+            for shape, compiled in sorted(specialisations.built.items()):
+                label = ", ".join(f"{k}={n}" for k, n in zip(("G", "D", "kv_heads"), shape))
+                found += [(f"{variant}.attend[{label}].{fn.py_func.__name__}", fn) for fn in compiled]
     return found
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numba
 from numba.core import config
 
+from ..lowering import Specialisations  # noqa: F401  (each variant's compiled attention, per shape)
 from . import fast_math  # noqa: F401  (registers the compiled forms of the primitives before anything compiles)
 from . import fast_quant  # noqa: F401  (registers the compiled block decode of quantized rows, likewise)
 

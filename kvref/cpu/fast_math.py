@@ -33,10 +33,11 @@ Numba resolves a call to a spec function through its overloads, preferring one r
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, lower_builtin, overload, type_callable
 
 from .. import quant
-from ..attention import exp_f32
+from ..attention import exp_f32, local_array
+from ..lowering import literal_shape, lower_local_array
 from ..fp16 import f16_bits_to_f32, f32_to_f16_bits
 
 
@@ -273,3 +274,18 @@ def _round_half_away_f32(typingctx, v):
 def _roundf_cpu(v):
     if v == types.float32:  # (float64 arguments keep the spec)
         return lambda v: np.float64(_round_half_away_f32(v))
+
+
+@type_callable(local_array)
+def _type_local_array(context):
+    """``attention.local_array(shape)`` with integer-literal dimensions: a stack array (``kvref/lowering.py``).
+    With sizes that are not compile-time constants it has no compiled form: the call fails to type, which makes
+    Numba retry the calling spec function with its integer arguments as literals (the specialisation)."""
+    def typer(shape):
+        dims = literal_shape(shape)
+        return types.Array(types.float32, len(dims), "C") if dims else None
+
+    return typer
+
+
+lower_builtin(local_array, types.BaseTuple)(lower_local_array)

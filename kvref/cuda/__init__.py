@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 
 from numba.core import config  # noqa: E402
 
-from ..attention import WORK_COLUMNS  # noqa: E402
+from ..attention import local_array  # noqa: E402
+from ..lowering import Specialisations, literal_shape, lower_local_array  # noqa: E402, F401
 
 #: threads per block for the attend kernels (one thread per work item)
 ATTEND_THREADS = 64
@@ -63,12 +64,43 @@ def kernel_signatures(kernels):
             for name, args in kernels.items()}
 
 
-def attend_launch(n_items, group):
-    """Launch shape and scratch of an attend kernel with one thread per work item (i, t, kv_head):
-    ``(blocks, threads, work)``, work = (n_items, G, WORK_COLUMNS) float32, the scratch the spec gets from np.empty."""
-    work = cuda.device_array((n_items, group, WORK_COLUMNS), np.float32)
-    threads = min(ATTEND_THREADS, n_items)
-    return math.ceil(n_items / threads), threads, work
+def attend_launch(n_items):
+    """Launch shape of an attend kernel with one thread per work item (i, t, kv_head): ``(blocks, threads)``. Each
+    thread's scratch (accumulators, scores, softmax state) is ``attention.local_array``: CUDA local memory."""
+    threads = max(1, min(ATTEND_THREADS, n_items))
+    return max(1, math.ceil(n_items / threads)), threads
+
+
+def ptx_kernels(name, body_for, signatures):
+    """``KERNELS`` entries of an attend kernel specialised per shape: ``{name[shape]: (body, signatures)}`` for each
+    shape of :data:`PTX_SHAPES` (what ``tests/test_ptx.py`` compiles)."""
+    return {f"{name}[G={shape[0]}, D={shape[1]}]": (body_for(*shape), signatures) for shape in PTX_SHAPES}
+
+
+#: (G, D) shapes whose attend kernels tests/test_ptx.py compiles for sm_90: shapes the CUDA tests run, and two
+#: presets' (Llama-3-8B: G = 4, D = 128; Gemma-2B: G = 8, D = 256)
+PTX_SHAPES = ((2, 16), (1, 32), (4, 128), (8, 256))
+
+
+def _register_local_array():
+    """``attention.local_array(shape)`` in CUDA kernels: one local-memory array (``kvref/lowering.py``). Registered
+    for numba-cuda's own typing and lowering; the simulator runs the spec's ``np.empty`` instead."""
+    from numba.cuda import types as cuda_types
+    from numba.cuda.extending import lower_builtin, type_callable
+
+    @type_callable(local_array)
+    def _type_local_array(context):
+        def typer(shape):
+            dims = literal_shape(shape)
+            return cuda_types.Array(cuda_types.float32, len(dims), "C") if dims else None
+
+        return typer
+
+    lower_builtin(local_array, cuda_types.BaseTuple)(lower_local_array)
+
+
+if not config.ENABLE_CUDASIM:
+    _register_local_array()
 
 
 def is_device_array(a):

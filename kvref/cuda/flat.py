@@ -34,7 +34,8 @@ from numba import cuda
 
 from .. import flat
 from ..flat import work_item
-from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
+from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
+               ptx_kernels, result_array)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,18 +48,23 @@ def _write_kernel_body(kv, layer, seq_ids, slots, k_new, v_new):
         flat.write_one(kv, layer, seq_ids, slots, k_new, v_new, i, t, h, d)
 
 
-def _attend_kernel_body(kv, layer, seq_ids, positions, q, scale, out, work):
-    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-    n_seq, n_tokens = positions.shape
-    kv_heads = kv.shape[3]
-    item = cuda.grid(1)
-    if item < n_seq * n_tokens * kv_heads:
-        i, t, h = work_item(item, n_tokens, kv_heads)
-        flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, work[item], i, t, h)
+def _attend_kernel_body(group, head_dim):
+    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation")."""
+
+    def attend(kv, layer, seq_ids, positions, q, scale, out):
+        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+        n_seq, n_tokens = positions.shape
+        kv_heads = kv.shape[3]
+        item = cuda.grid(1)
+        if item < n_seq * n_tokens * kv_heads:
+            i, t, h = work_item(item, n_tokens, kv_heads)
+            flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, i, t, h, group, head_dim)
+
+    return attend
 
 
 _write_kernel = cuda.jit(_write_kernel_body)
-_attend_kernel = cuda.jit(_attend_kernel_body)
+_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
 
 
 def _signatures():
@@ -67,14 +73,14 @@ def _signatures():
 
     return kernel_signatures({
         "write": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(s, 4), C(s, 4)),
-        "attend": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4), C(f32, 3)),
+        "attend": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4)),
     })
 
 
 #: every kernel of this module: name -> (plain Python body, [numba signatures it is launched with])
 KERNELS = {
     "flat.write": (_write_kernel_body, _signatures()["write"]),
-    "flat.attend": (_attend_kernel_body, _signatures()["attend"]),
+    **ptx_kernels("flat.attend", _attend_kernel_body, _signatures()["attend"]),
 }
 
 
@@ -92,18 +98,15 @@ def write_tokens(kv, layer, seq_ids, slots, k_new, v_new):
         kv, int(layer), on_device(seq_ids), on_device(slots), on_device(k_new), on_device(v_new))
 
 
-def attend_tokens(kv, layer, seq_ids, positions, q, scale, out):
+def attend_tokens(kv, layer, seq_ids, positions, q, scale, out, group, head_dim):
     """Attention of one layer for every new token (spec: ``kvref.flat.attend_tokens``), into ``out`` in place.
 
     q, out: (n_seq, T, q_heads, head_dim) float32, host or device arrays; a host ``out`` receives a copy of the result.
     """
-    n_seq, n_tokens, q_heads, head_dim = q.shape
-    kv_heads = kv.shape[3]
-    group = q_heads // kv_heads
-    blocks, threads, work = attend_launch(n_seq * n_tokens * kv_heads, group)
+    blocks, threads = attend_launch(positions.size * kv.shape[3])
     d_out = result_array(out)
-    _attend_kernel[blocks, threads](kv, int(layer), on_device(seq_ids), on_device(positions), on_device(q),
-                                    np.float32(scale), d_out, work)
+    _attend_kernels(group, head_dim)[blocks, threads](kv, int(layer), on_device(seq_ids), on_device(positions),
+                                                      on_device(q), np.float32(scale), d_out)
     copy_result(d_out, out)
     return out
 

@@ -41,7 +41,8 @@ from numba import cuda
 
 from .. import pooled
 from ..flat import work_item
-from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
+from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
+               ptx_kernels, result_array)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,19 +65,26 @@ def _write_kernel_body(kv, layer, slots, k_new, v_new):
         pooled.write_one(kv, layer, slots, k_new, v_new, i, t, h, d)
 
 
-def _attend_kernel_body(kv, layer, tables, starts, positions, q, scale, out, work):
-    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-    n_seq, n_tokens = positions.shape
-    kv_heads = kv.shape[3]
-    item = cuda.grid(1)
-    if item < n_seq * n_tokens * kv_heads:
-        i, t, h = work_item(item, n_tokens, kv_heads)
-        pooled.attend_one(kv, layer, tables, starts, positions, q, scale, out, work[item:item + 1], i, t, h, h + 1)
+def _attend_kernel_body(group, head_dim, kv_heads=1):
+    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation"). Each
+    thread takes one KV head, so the spec's per-head scratch is sized for one (``kv_heads`` = 1)."""
+
+    def attend(kv, layer, tables, starts, positions, q, scale, out):
+        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+        n_seq, n_tokens = positions.shape
+        heads = kv.shape[3]
+        item = cuda.grid(1)
+        if item < n_seq * n_tokens * heads:
+            i, t, h = work_item(item, n_tokens, heads)
+            pooled.attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, h, h + 1, group, head_dim,
+                              kv_heads)
+
+    return attend
 
 
 _copy_kernel = cuda.jit(_copy_kernel_body)
 _write_kernel = cuda.jit(_write_kernel_body)
-_attend_kernel = cuda.jit(_attend_kernel_body)
+_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
 
 
 def _signatures():
@@ -86,8 +94,7 @@ def _signatures():
     return kernel_signatures({
         "copy": lambda s, C: (C(s, 6), i64, C(i64, 2)),
         "write": lambda s, C: (C(s, 6), i64, C(i64, 2), C(s, 4), C(s, 4)),
-        "attend": lambda s, C: (C(s, 6), i64, C(i64, 2), C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4),
-                                C(f32, 3)),
+        "attend": lambda s, C: (C(s, 6), i64, C(i64, 2), C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4)),
     })
 
 
@@ -95,7 +102,7 @@ def _signatures():
 KERNELS = {
     "pooled.copy": (_copy_kernel_body, _signatures()["copy"]),
     "pooled.write": (_write_kernel_body, _signatures()["write"]),
-    "pooled.attend": (_attend_kernel_body, _signatures()["attend"]),
+    **ptx_kernels("pooled.attend", _attend_kernel_body, _signatures()["attend"]),
 }
 
 
@@ -127,18 +134,16 @@ def write_tokens(kv, layer, slots, k_new, v_new):
         kv, int(layer), on_device(slots), on_device(k_new), on_device(v_new))
 
 
-def attend_tokens(kv, layer, tables, starts, positions, q, scale, out):
+def attend_tokens(kv, layer, tables, starts, positions, q, scale, out, group, head_dim, kv_heads):
     """Paged attention of one layer for every new token (spec: ``kvref.pooled.attend_tokens``), into ``out`` in place.
 
     tables: (n_seq, C) int64; starts: (n_seq,) int64; positions: (n_seq, T) int64;
     q, out: (n_seq, T, q_heads, head_dim) float32, host or device arrays; a host ``out`` receives a copy of the result.
     """
-    n_seq, n_tokens, q_heads, head_dim = q.shape
-    kv_heads = kv.shape[3]
-    blocks, threads, work = attend_launch(n_seq * n_tokens * kv_heads, q_heads // kv_heads)
+    blocks, threads = attend_launch(positions.size * kv_heads)
     d_out = result_array(out)
-    _attend_kernel[blocks, threads](kv, int(layer), on_device(tables), on_device(starts), on_device(positions),
-                                    on_device(q), np.float32(scale), d_out, work)
+    _attend_kernels(group, head_dim)[blocks, threads](kv, int(layer), on_device(tables), on_device(starts),
+                                                      on_device(positions), on_device(q), np.float32(scale), d_out)
     copy_result(d_out, out)
     return out
 

@@ -18,7 +18,8 @@ from numba import cuda
 
 from .. import ring
 from ..flat import work_item
-from . import MAX_BLOCK_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
+from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
+               ptx_kernels, result_array)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -31,20 +32,24 @@ def _write_kernel_body(kv, slot_positions, layer, seq_ids, positions, slots, k_n
         ring.write_one(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_new, i, t, h, d)
 
 
-def _attend_kernel_body(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale,
-                        out, work):
-    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-    n_seq, n_tokens = positions.shape
-    kv_heads = kv.shape[3]
-    item = cuda.grid(1)
-    if item < n_seq * n_tokens * kv_heads:
-        i, t, h = work_item(item, n_tokens, kv_heads)
-        ring.attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale,
-                        out, work[item], i, t, h)
+def _attend_kernel_body(group, head_dim):
+    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation")."""
+
+    def attend(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out):
+        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+        n_seq, n_tokens = positions.shape
+        kv_heads = kv.shape[3]
+        item = cuda.grid(1)
+        if item < n_seq * n_tokens * kv_heads:
+            i, t, h = work_item(item, n_tokens, kv_heads)
+            ring.attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q,
+                            scale, out, i, t, h, group, head_dim)
+
+    return attend
 
 
 _write_kernel = cuda.jit(_write_kernel_body)
-_attend_kernel = cuda.jit(_attend_kernel_body)
+_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
 
 
 def _signatures():
@@ -54,14 +59,14 @@ def _signatures():
     return kernel_signatures({
         "write": lambda s, C: (C(s, 6), C(i64, 3), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4)),
         "attend": lambda s, C: (C(s, 6), C(i64, 3), i64, C(i64, 1), C(i64, 2), C(s, 4), C(s, 4), i64, i64,
-                                C(f32, 4), f32, C(f32, 4), C(f32, 3)),
+                                C(f32, 4), f32, C(f32, 4)),
     })
 
 
 #: every kernel of this module: name -> (plain Python body, [numba signatures it is launched with])
 KERNELS = {
     "ring.write": (_write_kernel_body, _signatures()["write"]),
-    "ring.attend": (_attend_kernel_body, _signatures()["attend"]),
+    **ptx_kernels("ring.attend", _attend_kernel_body, _signatures()["attend"]),
 }
 
 
@@ -78,15 +83,14 @@ def write_tokens(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_
         on_device(k_new), on_device(v_new))
 
 
-def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out):
+def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out,
+                  group, head_dim):
     """Attention of one layer for every new token (spec: ``kvref.ring.attend_tokens``), into ``out`` in place."""
-    n_seq, n_tokens, q_heads, head_dim = q.shape
-    kv_heads = kv.shape[3]
-    blocks, threads, work = attend_launch(n_seq * n_tokens * kv_heads, q_heads // kv_heads)
+    blocks, threads = attend_launch(positions.size * kv.shape[3])
     d_out = result_array(out)
-    _attend_kernel[blocks, threads](kv, slot_positions, int(layer), on_device(seq_ids), on_device(positions),
-                                    on_device(pending_k), on_device(pending_v), int(window), int(sinks),
-                                    on_device(q), np.float32(scale), d_out, work)
+    _attend_kernels(group, head_dim)[blocks, threads](
+        kv, slot_positions, int(layer), on_device(seq_ids), on_device(positions), on_device(pending_k),
+        on_device(pending_v), int(window), int(sinks), on_device(q), np.float32(scale), d_out)
     copy_result(d_out, out)
     return out
 

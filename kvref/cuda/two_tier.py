@@ -23,7 +23,8 @@ from numba import cuda
 from .. import two_tier
 from ..flat import work_item
 from ..quant import BLOCK
-from . import ATTEND_THREADS, CudaOps, attend_launch, copy_result, kernel_signatures, on_device, result_array
+from . import (ATTEND_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
+               ptx_kernels, result_array)
 from . import quant as _quant  # noqa: F401  (registers the CUDA form of quant.mul_rn before any kernel compiles)
 
 
@@ -50,21 +51,25 @@ def _append_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k
                             i, t, h)
 
 
-def _attend_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale,
-                        out, work, scratch):
-    """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-    n_seq, n_tokens = positions.shape
-    kv_heads = tail.shape[3]
-    item = cuda.grid(1)
-    if item < n_seq * n_tokens * kv_heads:
-        i, t, h = work_item(item, n_tokens, kv_heads)
-        two_tier.attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
-                            scale, out, work[item], scratch[item], i, t, h)
+def _attend_kernel_body(group, head_dim):
+    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation")."""
+
+    def attend(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out):
+        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
+        n_seq, n_tokens = positions.shape
+        kv_heads = tail.shape[3]
+        item = cuda.grid(1)
+        if item < n_seq * n_tokens * kv_heads:
+            i, t, h = work_item(item, n_tokens, kv_heads)
+            two_tier.attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
+                                scale, out, i, t, h, group, head_dim)
+
+    return attend
 
 
 _migrate_kernel = cuda.jit(_migrate_kernel_body)
 _append_kernel = cuda.jit(_append_kernel_body)
-_attend_kernel = cuda.jit(_attend_kernel_body)
+_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
 
 
 def _signatures():
@@ -76,7 +81,7 @@ def _signatures():
         "append": lambda s, C: (C(s, 6), C(u8, 6), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4), i64,
                                 C(f32, 2)),
         "attend": lambda s, C: (C(s, 6), C(u8, 6), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4), i64, i64,
-                                C(f32, 4), f32, C(f32, 4), C(f32, 3), C(f32, 2)),
+                                C(f32, 4), f32, C(f32, 4)),
     })
 
 
@@ -84,7 +89,7 @@ def _signatures():
 KERNELS = {
     "two_tier.migrate": (_migrate_kernel_body, _signatures()["migrate"]),
     "two_tier.append": (_append_kernel_body, _signatures()["append"]),
-    "two_tier.attend": (_attend_kernel_body, _signatures()["attend"]),
+    **ptx_kernels("two_tier.attend", _attend_kernel_body, _signatures()["attend"]),
 }
 
 
@@ -115,17 +120,14 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
                                     on_device(pending_v), int(fmt), scratch)
 
 
-def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out):
+def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
+                  group, head_dim):
     """Attention of one layer for every new token (spec: ``kvref.two_tier.attend_tokens``), into ``out`` in place."""
-    n_seq, n_tokens, q_heads, _ = q.shape
-    kv_heads = tail.shape[3]
-    n_items = n_seq * n_tokens * kv_heads
-    blocks, threads, work = attend_launch(n_items, q_heads // kv_heads)
-    scratch = cuda.device_array((n_items, q.shape[3] + BLOCK), np.float32)
+    blocks, threads = attend_launch(positions.size * tail.shape[3])
     d_out = result_array(out)
-    _attend_kernel[blocks, threads](tail, store, int(layer), on_device(seq_ids), on_device(positions),
-                                    on_device(tiers), on_device(pending_k), on_device(pending_v), int(window),
-                                    int(fmt), on_device(q), np.float32(scale), d_out, work, scratch)
+    _attend_kernels(group, head_dim)[blocks, threads](
+        tail, store, int(layer), on_device(seq_ids), on_device(positions), on_device(tiers), on_device(pending_k),
+        on_device(pending_v), int(window), int(fmt), on_device(q), np.float32(scale), d_out)
     copy_result(d_out, out)
     return out
 

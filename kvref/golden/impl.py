@@ -183,7 +183,8 @@ class Kvref:
         run = attend_gathered_tokens if self.backend == "python" else backend_ops(
             "two_tier", "cpu").attend_materialized_tokens
         run(keys, values, np.asarray(k_positions, np.int64)[None], np.asarray(q_positions, np.int64)[None],
-            int(window), int(sinks), np.asarray(q, np.float32)[None], np.float32(scale), out)
+            int(window), int(sinks), np.asarray(q, np.float32)[None], np.float32(scale), out,
+            q.shape[1] // k.shape[1], q.shape[2])
         return out[0]
 
     def paged_attention(self, q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page_len, scale):
@@ -204,7 +205,8 @@ class Kvref:
 
             kv = cuda.to_device(np.ascontiguousarray(kv))
         backend_ops("pooled", self.backend).attend_tokens(kv, 0, tables, np.zeros(n_seq, np.int64), positions,
-                                                          np.asarray(q, np.float32)[:, None], np.float32(scale), out)
+                                                          np.asarray(q, np.float32)[:, None], np.float32(scale), out,
+                                                          q.shape[1] // kv.shape[3], q.shape[2], kv.shape[3])
         return out[:, 0]
 
     def quantize(self, x, fmt):

@@ -379,7 +379,8 @@ def chunked_prefill_events(window=4, prefix=3, chunk=3, backend="python", seed=0
         raise AssertionError("write_tokens did not store p at slot p % W")
     naive = np.zeros_like(out)
     empty = np.zeros((1, 0, 1, shape.head_dim), np.float32)
-    ring.attend_tokens(kv, slot_positions, 0, seq_ids, step.positions, empty, empty, window, 0, q, scale, naive)
+    ring.attend_tokens(kv, slot_positions, 0, seq_ids, step.positions, empty, empty, window, 0, q, scale, naive,
+                       shape.group_size, shape.head_dim)
 
     needed = {i: list(range(max(0, i - window + 1), i + 1)) for i in queries}
     offered = sorted({p for p in ring_before if p >= 0} | set(queries))
