@@ -66,15 +66,16 @@ variables hold them (:class:`kvref.lowering.Specialisations`), which Numba passe
 and D constant, LLVM unrolls the loops over G and keys, keeps the blocks in registers, and knows the scratch aliases
 nothing. Each shape compiles on first use (a few seconds; then cached on disk), for any G and head_dim.
 
-The phase functions are marked :func:`inlined`: for the CPU, Numba inlines them into their caller before it compiles,
-so that they get the caller's fast-math flags (re-association lets the sums use SIMD lanes) and no array view is
-ever passed to a separate function (which would cost two atomic reference-count updates per call).
+The phase functions are marked :func:`inlined`: they are always inlined into their caller, so no array view is ever
+passed to a separate function (which would cost two atomic reference-count updates per call), and on the CPU they
+are compiled as part of the caller: with its fast-math flags (re-association lets the sums use SIMD lanes), its
+constant G and D and its stack arrays in sight.
 """
 
 import math
 
 import numpy as np
-from numba.extending import overload, register_jitable
+from numba.extending import register_jitable
 
 from . import quant
 from .fp16 import widen
@@ -85,21 +86,25 @@ TILE = 32
 WORK_COLUMNS = TILE + 2
 M_COLUMN = TILE
 L_COLUMN = TILE + 1
-#: the most key rows one score pass takes (:func:`keys_per_pass`), rows of the scratch ``block``
-MAX_KEYS = 4
+#: KEYS, the key rows one score pass takes (:func:`score_block`): the rows of the scratch ``block``. A pass keeps
+#: KEYS x G sums in vector registers, loads each K element once for G heads and each q element once for KEYS keys.
+#: Measured on this machine (AVX2: 16 vector registers; BENCHMARKS.md), one key per pass is best for every G: the G
+#: sums of one key already fill the registers. (With AVX-512's 32 registers, 2-4 keys were best:
+#: ``grouped_attention_facts.md``; set it here, it is read nowhere else.)
+SCORE_KEYS = 1
 #: the most value rows one pass adds (:func:`rows_per_pass`), rows of the decoded-row scratch of quantized attention
 MAX_ROWS = 8
 
 
+#: the spec functions of the kernel's inner loops (marked :func:`inlined`), for the compiled backends
+INLINED = []
+
+
 def inlined(fn):
-    """Mark a spec function of the kernel's inner loops. It stays plain Python, and a ``register_jitable`` function
-    (a CUDA device function that LLVM always inlines); for ``numba.njit`` it is also inlined into its caller at Numba
-    IR level (an ``overload`` with ``inline="always"`` for target "cpu"), so that it is compiled as part of the
-    caller, with the caller's fast-math flags. (A function Numba compiles separately gets no fast-math, and then the
-    dot products and the value sums stay scalar: 10-20x slower. numba-cuda 0.30 cannot inline a numba.core overload
-    at IR level, hence the split.)"""
+    """Mark a spec function of the kernel's inner loops: a ``register_jitable`` function that is always inlined into
+    its caller (for CUDA by LLVM; for the CPU by Numba, before it compiles the caller: ``kvref/cpu/fast_math.py``)."""
     register_jitable(forceinline=True)(fn)
-    overload(fn, target="cpu", inline="always", strict=False)(lambda *args: fn)
+    INLINED.append(fn)
     return fn
 
 
@@ -149,23 +154,13 @@ def local_array(shape):
 
 
 @inlined
-def keys_per_pass(group):
-    """KEYS: key rows scored together in one pass over d. Each pass keeps KEYS x G sums in vector registers, loads
-    each K element once for G heads and each q element once for KEYS keys (measured best: BENCHMARKS.md)."""
-    if group >= 8:
-        return 1
-    if group >= 3:
-        return 2
-    return MAX_KEYS
-
-
-@inlined
 def rows_per_pass(group):
     """ROWS: value rows added together in one pass over d (ROWS x G weights stay in registers; each accumulator
-    element is loaded and stored once per ROWS rows instead of once per row)."""
+    element is loaded and stored once per ROWS rows instead of once per row). Measured best here: 8 rows for G <= 4,
+    4 for G <= 7, 2 for G >= 8."""
     if group >= 8:
         return 2
-    if group >= 2:
+    if group >= 5:
         return 4
     return MAX_ROWS
 
@@ -206,16 +201,19 @@ def score_block(q, keys, first, n, scale, work, column, block):
 
 @inlined
 def score_rows(q, keys, first, n, scale, work, column, block):
-    """Scores of key rows first .. first+n-1 into ``work[:, column:column+n]``: KEYS rows per pass, then single
-    rows (:func:`score_block`)."""
-    step = keys_per_pass(work.shape[0])
-    j = 0
-    while j + step <= n:
-        score_block(q, keys, first + j, step, scale, work, column + j, block)
-        j += step
-    while j < n:
-        score_block(q, keys, first + j, 1, scale, work, column + j, block)
-        j += 1
+    """Scores of key rows first .. first+n-1 into ``work[:, column:column+n]``, SCORE_KEYS rows per pass
+    (:func:`score_block`), then single rows."""
+    if SCORE_KEYS == 1:  # (a constant: Numba compiles only the branch taken)
+        for j in range(n):
+            score_block(q, keys, first + j, 1, scale, work, column + j, block)
+    else:
+        j = 0
+        while j + SCORE_KEYS <= n:
+            score_block(q, keys, first + j, SCORE_KEYS, scale, work, column + j, block)
+            j += SCORE_KEYS
+        while j < n:
+            score_block(q, keys, first + j, 1, scale, work, column + j, block)
+            j += 1
 
 
 @inlined
@@ -225,16 +223,21 @@ def softmax_weights(n, acc, work):
 
     m' = max(m, max_j s_j);  c = exp(m - m');  l' = c l + sum_j p_j;  acc = c acc
     At least one score of the tile must be finite (callers skip fully masked tiles).
+
+    A short tile (n < TILE) is padded with scores -inf, whose weights are 0: so the loops always run over TILE
+    columns, a constant trip count that compiles to whole vectors (max(m, -inf) = m and l + 0 = l exactly).
     """
     G, D = acc.shape
     for g in range(G):
+        for j in range(n, TILE):
+            work[g, j] = -np.inf
         m_old = work[g, M_COLUMN]
         m_new = m_old
-        for j in range(n):
+        for j in range(TILE):
             m_new = max(m_new, work[g, j])
         c = exp_f32(m_old - m_new)
         total = work[g, L_COLUMN] * c
-        for j in range(n):
+        for j in range(TILE):
             p = exp_f32(work[g, j] - m_new)  # a masked key: exp(-inf) = 0
             work[g, j] = p
             total += p
@@ -255,10 +258,8 @@ def accumulate_block(values, first, n, acc, work, column):
     G, D = acc.shape
     for d in range(D):
         for g in range(G):
-            total = acc[g, d]
             for r in range(n):
-                total += work[g, column + r] * widen(values[first + r, d])
-            acc[g, d] = total
+                acc[g, d] += work[g, column + r] * widen(values[first + r, d])
 
 
 @inlined
@@ -330,7 +331,7 @@ def attend_quantized_rows(q, keys, values, n_keys, fmt, scale, acc, work, block,
     """Fold quantized key/value rows 0 .. n_keys-1 (all visible; uint8 ggml blocks of format ``fmt``) into the
     running softmax: :func:`attend_rows`, with each group of rows decoded once into ``decoded`` (a stack array that
     stays in L1; there is never a float copy of the store) and then used for all G heads."""
-    key_step = keys_per_pass(work.shape[0])
+    key_step = SCORE_KEYS
     row_step = rows_per_pass(work.shape[0])
     for start in range(0, n_keys, TILE):
         n = min(TILE, n_keys - start)
@@ -369,7 +370,7 @@ def attend_group(q, keys, values, n_keys, scale, out, group, head_dim):
     """
     acc = local_array((group, head_dim))  # the unnormalised output
     work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
-    block = local_array((MAX_KEYS, group))  # the sums of one score pass
+    block = local_array((SCORE_KEYS, group))  # the sums of one score pass
     softmax_start(acc, work)
     attend_rows(q, keys, values, n_keys, scale, acc, work, block)
     softmax_finish(acc, work, out)
@@ -390,7 +391,7 @@ def attend_gathered_one(keys, values, key_positions, positions, window, sinks, q
     """The G query heads of KV head h, for query t of sequence i, over the gathered rows (see below)."""
     acc = local_array((group, head_dim))
     work = local_array((group, WORK_COLUMNS))
-    block = local_array((MAX_KEYS, group))
+    block = local_array((SCORE_KEYS, group))
     p = positions[i, t]
     q_heads = q[i, t, h * group:(h + 1) * group]
     softmax_start(acc, work)

@@ -78,7 +78,7 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import (MAX_KEYS, TILE, WORK_COLUMNS, accumulate_rows, local_array, score_rows, softmax_finish,
+from .attention import (SCORE_KEYS, TILE, WORK_COLUMNS, accumulate_rows, local_array, score_rows, softmax_finish,
                         softmax_start, softmax_weights)
 from .backends import HOST
 from .cache import CacheBase, Step, allocate, freeze
@@ -191,7 +191,7 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, first_
     """
     acc = local_array((kv_heads, group, head_dim))  # the unnormalised output of each KV head's G query heads
     work = local_array((kv_heads, group, WORK_COLUMNS))  # each head's tile scores, then m and l
-    block = local_array((MAX_KEYS, group))  # the sums of one score pass
+    block = local_array((SCORE_KEYS, group))  # the sums of one score pass
     block_size = kv.shape[4]
     for h in range(first_head, end_head):
         softmax_start(acc[h - first_head], work[h - first_head])

@@ -82,7 +82,7 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import MAX_KEYS, WORK_COLUMNS, attend_slots, local_array, softmax_finish, softmax_start
+from .attention import SCORE_KEYS, WORK_COLUMNS, attend_slots, local_array, softmax_finish, softmax_start
 from .cache import CacheBase, Step, allocate, check_integer, freeze
 from .errors import IndexOutOfRangeError, StaleStepError
 from .shapes import check_index, check_positive_int
@@ -163,7 +163,7 @@ def attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending
     """
     acc = local_array((group, head_dim))  # the unnormalised output of the G heads
     work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
-    block = local_array((MAX_KEYS, group))  # the sums of one score pass
+    block = local_array((SCORE_KEYS, group))  # the sums of one score pass
     seq = seq_ids[i]
     first = h * group
     p = positions[i, t]

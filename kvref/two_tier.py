@@ -55,10 +55,11 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import quant
-from .attention import (MAX_KEYS, MAX_ROWS, WORK_COLUMNS, attend_gathered_tokens, attend_quantized_rows, attend_rows,
+from .attention import (MAX_ROWS, SCORE_KEYS, WORK_COLUMNS, attend_gathered_tokens, attend_quantized_rows, attend_rows,
                         first_visible, local_array, ring_run, softmax_finish, softmax_start)
 from .cache import CacheBase, Step, allocate, freeze
 from .errors import DTypeError, IndexOutOfRangeError, ShapeError
+from .quant import BLOCK
 from .shapes import CacheShape, check_index, check_positive_int
 
 __all__ = ["TwoTierCache", "TwoTierStep", "attend_one", "attend_tokens", "commit_tokens", "migrate_to",
@@ -158,9 +159,9 @@ def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending
     ``p - M < j <= p``: store positions [lo, m), tail positions [m, L), step positions [L, p] (see the docstring)."""
     acc = local_array((group, head_dim))  # the unnormalised output of the G heads
     work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
-    block = local_array((MAX_KEYS, group))  # the sums of one score pass
+    block = local_array((SCORE_KEYS, group))  # the sums of one score pass
     decoded = local_array((MAX_ROWS, head_dim))  # a few stored rows, decoded
-    codes = local_array((1, quant.BLOCK))  # one block's codes
+    codes = local_array((1, BLOCK))  # one block's codes
     seq = seq_ids[i]
     first = h * group
     q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
@@ -173,17 +174,18 @@ def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending
         keys = store[layer, 0, seq, h]  # (S, row_bytes) uint8: each row is head_dim / 32 ggml blocks
         values = store[layer, 1, seq, h]  # (S, row_bytes)
         start, n_first, n_second = ring_run(lo, migrated, store.shape[4])
-        attend_quantized_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, fmt,
-                              scale, acc, work, block, decoded, codes)
-        attend_quantized_rows(q_heads, keys, values, n_second, fmt, scale, acc, work, block, decoded, codes)
+        for run in range(2):  # slots start .. start+n_first-1, then 0 .. n_second-1
+            slot, count = (start, n_first) if run == 0 else (0, n_second)
+            attend_quantized_rows(q_heads, keys[slot:slot + count], values[slot:slot + count], count, fmt, scale,
+                                  acc, work, block, decoded, codes)
     tail_lo = max(lo, migrated)
     if tail_lo < length:  # the tail, as stored
         keys = tail[layer, 0, seq, h]  # (R, D) the tail ring's rows, slot p % R
         values = tail[layer, 1, seq, h]  # (R, D)
         start, n_first, n_second = ring_run(tail_lo, length, tail.shape[4])
-        attend_rows(q_heads, keys[start:start + n_first], values[start:start + n_first], n_first, scale, acc, work,
-                    block)
-        attend_rows(q_heads, keys, values, n_second, scale, acc, work, block)
+        for run in range(2):
+            slot, count = (start, n_first) if run == 0 else (0, n_second)
+            attend_rows(q_heads, keys[slot:slot + count], values[slot:slot + count], count, scale, acc, work, block)
     step_lo = max(lo, length)  # the step's own tokens up to p, as given to write()
     attend_rows(q_heads, pending_k[i, step_lo - length:, h], pending_v[i, step_lo - length:, h], p + 1 - step_lo,
                 scale, acc, work, block)

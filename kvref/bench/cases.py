@@ -388,7 +388,7 @@ def run_threads(threads, sizes, quick):
     before = measure_bandwidth(threads, gib=0.5 if quick else 1.0)
     rows = []
     for dtype in ("float32", "float16"):
-        for kv_heads in (8, 32):
+        for kv_heads in (4, 8, 32):  # G = 8, 4 and 1 with 32 query heads
             for n in sizes:
                 times, caches, _ = bench_attention(n, kv_heads, dtype, rng)
                 del caches

@@ -26,14 +26,15 @@ from pathlib import Path
 import numba
 from numba.core import config
 
-from ..lowering import Specialisations  # noqa: F401  (each variant's compiled attention, per shape)
-from . import fast_math  # noqa: F401  (registers the compiled forms of the primitives before anything compiles)
-from . import fast_quant  # noqa: F401  (registers the compiled block decode of quantized rows, likewise)
-
 #: LLVM fast-math flags for the attention loops: re-association lets dot products and sums use SIMD lanes.
 #: No 'nnan'/'ninf': the online softmax starts from -inf, and NaN scores must propagate. For finite inputs the
 #: results differ from the spec only by rounding order.
 ATTENTION_FASTMATH = frozenset({"reassoc", "contract", "nsz", "arcp"})
+
+from ..lowering import Specialisations  # noqa: E402, F401  (each variant's compiled attention, per shape)
+from . import fast_math  # noqa: E402, F401  (registers the compiled forms of the primitives before anything compiles)
+from . import fast_quant  # noqa: E402, F401  (registers the compiled block decode of quantized rows, likewise)
+
 
 
 #: below this many (key row x KV head) reads a step runs on one thread: waking Numba's thread pool costs more than a

@@ -36,6 +36,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic, lower_builtin, overload, type_callable
 
 from .. import quant
+from .. import attention
 from ..attention import exp_f32, local_array
 from ..lowering import literal_shape, lower_local_array
 from ..fp16 import f16_bits_to_f32, f32_to_f16_bits
@@ -289,3 +290,17 @@ def _type_local_array(context):
 
 
 lower_builtin(local_array, types.BaseTuple)(lower_local_array)
+
+
+def _register_inlined():
+    """The kernel's inner-loop functions (``attention.INLINED``) for the CPU: the spec itself, inlined into its caller
+    at Numba IR level (``inline="always"``), so that it is compiled as part of the caller, with the caller's fast-math
+    flags, its constant G and D and its stack arrays in sight. (Compiled separately and inlined later by LLVM, as
+    ``forceinline`` does, the loops are optimised before the constants and the arrays' origin are known, and stay
+    scalar: 10-20x slower. numba-cuda 0.30 cannot inline a numba.core overload at IR level, so CUDA keeps
+    ``forceinline``.)"""
+    for fn in attention.INLINED:
+        overload(fn, target="cpu", inline="always", strict=False)(lambda *args, _fn=fn: _fn)
+
+
+_register_inlined()

@@ -13,10 +13,10 @@ Thread mappings::
     attend   one thread per work item (i, t, kv_head), item = cuda.grid(1) = (i * T + t) * kv_heads + h
              each thread runs the whole online softmax of its G query heads over the visible slots
 
-The attend mapping is deliberately the simplest one that calls the spec unchanged: the spec's ``attend_tokens``
-allocates its scratch with ``np.empty``, which CUDA device code cannot do, so the launcher allocates a global-memory
-scratch array ``work`` of shape ``(n_items, G, WORK_COLUMNS)`` float32 and hands row ``work[item]`` to each thread.
-**Future work: the faster GPU schedule** is one thread block per (i, t, kv_head) group, with the threads of the block
+The attend mapping is deliberately the simplest one that calls the spec unchanged. The spec's ``attend_one`` takes
+its scratch from ``attention.local_array``, which in a CUDA kernel is per-thread local memory; its sizes (G, D) are
+compile-time constants, so there is one kernel per shape (``_attend_kernels``, built on first use by a closure over
+G and D: kvref/attention.py, "Specialisation"). **Future work: the faster GPU schedule** is one thread block per (i, t, kv_head) group, with the threads of the block
 splitting the keys of a tile and combining the dot products through a shared-memory reduction (shared memory, not
 warp shuffles, which the simulator lacks), and the running max/sum of the online softmax held in shared memory. It
 must still call spec primitives for the softmax update, not restate them.
@@ -24,9 +24,10 @@ must still call spec primitives for the softmax update, not restate them.
 Numerics: writes are copies, bit-identical to the python backend. Attention agrees with the spec to float32
 rounding, not bit for bit: NVVM contracts ``a * b + c`` into FMA by default and ``math.exp`` lowers to libdevice.
 
-Kernel bodies are plain Python functions (``_write_kernel_body``, ``_attend_kernel_body``) made into kernels with
-``cuda.jit``. ``KERNELS`` lists every body with the signatures it is launched with, so ``tests/test_ptx.py`` can
-compile each one to PTX for sm_90 without a GPU (``cuda.compile_ptx(body, sig, cc=(9, 0))``).
+Kernel bodies are plain Python functions (``_write_kernel_body``; ``_attend_kernel_body(G, D)`` returns one) made
+into kernels with ``cuda.jit``. ``KERNELS`` lists every body with the signatures it is launched with (attend: for each
+shape of ``PTX_SHAPES``), so ``tests/test_ptx.py`` can compile each one to PTX for sm_90 without a GPU
+(``cuda.compile_ptx(body, sig, cc=(9, 0))``).
 """
 
 import numpy as np

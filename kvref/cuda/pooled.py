@@ -23,10 +23,9 @@ Thread mappings::
 lands in it (the order of the spec: copies first, then the scatter). Within a launch no two threads write one
 element: the plan's copy targets are distinct fresh blocks, and its slots are distinct.
 
-As for the flat cache, the attend mapping is the simplest one that calls the spec unchanged: the spec's
-``attend_tokens`` allocates its scratch with ``np.empty``, which CUDA device code cannot do, so the launcher
-allocates a global-memory scratch array ``work`` of shape ``(n_items, G, WORK_COLUMNS)`` float32 and hands
-``work[item:item + 1]`` (the scratch of a one-head range) to each thread. The same future work applies (a thread block per work item, splitting each page's
+As for the flat cache, the attend mapping is the simplest one that calls the spec unchanged: each thread runs the
+spec's ``attend_one`` for a range of one KV head, whose scratch (``attention.local_array``, sized for one head) is
+per-thread local memory; one kernel per shape (G, D), built on first use. The same future work applies (a thread block per work item, splitting each page's
 keys over its threads with a shared-memory reduction).
 
 Numerics: writes and copies are copies, bit-identical to the python backend. Attention agrees with the spec to

@@ -11,8 +11,9 @@ Thread mappings (one thread per work item, ``item = cuda.grid(1)``)::
 ``advance`` launches migrate, then append, on one stream, so every old tail row is quantized before a new token may
 take its slot (the order the spec's ``commit_tokens`` runs its two loops in). Quantizing bytes identical to ggml's
 needs the unfused multiply of ``quant.mul_rn`` (its CUDA overload lives in ``kvref/cuda/quant.py``, imported here).
-Per-thread scratch (a 32-float block, the softmax ``work``) comes from launcher-allocated device arrays, since
-device code cannot allocate.
+The migrate and append threads' 32-float scratch comes from launcher-allocated device arrays; the attend threads'
+scratch is the spec's ``attention.local_array`` (per-thread local memory), so there is one attend kernel per shape
+(G, D), built on first use.
 """
 
 import math
