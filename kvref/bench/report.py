@@ -212,6 +212,48 @@ compiled specialisation's hot loops.
   and the simple STREAM-like read kernel can underestimate what two threads deliver: a '% BW' above 100% means
   kvref's kernel read faster than the reference kernel did (the facts file saw 35 to 83 GB/s for 2 threads).
 
+## Issue #14: the grouped kernel, before and after
+
+Measured side by side this session by running the previous commit (b1fe3dd, the old kernel) and the new kernel in
+alternate processes, one thread, n = 65,536, 32 query heads, head_dim 128, K/V from DRAM (best of 9 calls; the
+strict read limit of this VM read only 15-16 GB/s that hour, against 39-42 GB/s on other days, so compare the
+ratios). The new kernel here is an intermediate version (2 keys per score pass for G = 4, 4 value rows), whose
+numbers the final one (1 key, 8 rows) matched within the noise in the phase timings below.
+
+| case | old kernel | new kernel | new / old speed |
+|---|---|---|---|
+| fp32, G = 4 (8 KV heads) | 55.9-70.5 ms | 67.1-72.6 ms | 0.8-1.0x |
+| fp32, G = 8 (4 KV heads) | 44.6-56.0 ms | 32.1-40.6 ms | 1.38x |
+| fp16, G = 4 | 42.3-57.0 ms | 42.1-42.2 ms | 1.0-1.35x |
+| fp32 MHA (32 KV heads) | 198.9 ms | 185.4 ms | 1.07x |
+| pooled fp16, G = 4 | 42.9 ms | 50.0 ms | 0.86x |
+
+Phase costs with K/V hot in L2/L3 (n = 8,192, one thread, cycles per key at about 3 GHz, best of 60 runs of each
+phase alone; the VM is noisy to +-25%):
+
+| G (fp32, D = 128) | scores | softmax | values | whole kernel | old kernel |
+|---|---|---|---|---|---|
+| 1 | 36-50 | 6 | 31-37 | 54-73 | 71 |
+| 2 | 39-59 | 9-12 | 44-57 | 84-126 | |
+| 4 | 65-94 | 18-23 | 57-104 | 137-192 | 229 |
+| 8 | 113-148 | 34-44 | 102-184 | 235-330 | 566 |
+
+Why G = 4 fp32 gained nothing from DRAM while it gained 1.2-1.6x hot: at one thread the kernel's compute (about 140-190
+cycles per key for G = 4) and the DRAM time of its 1 KiB per key do not overlap well (facts file: "cold time = hot
+compute + DRAM time"); the old kernel, slower hot, was already close to the same cold time. G = 8 and fp16, whose
+compute fell most (566 -> 235-330 cycles for G = 8; the fp16 widening now feeds the same register-blocked loops), gained
+from DRAM as well.
+
+What was tried for the score phase, hot, G = 4 / G = 8 (cycles per key): KEYS = 1: 65-81 / 113-148; KEYS = 2: 86-108 /
+252-257; KEYS = 4: 112-117 / 205-214. On this AVX2 CPU (16 ymm registers) KEYS x G sums plus the q rows do not fit
+in registers beyond KEYS = 1, so `SCORE_KEYS` = 1; the assembly check below shows packed ymm FMAs in every
+specialisation. For the values: ROWS = 2 / 4 / 8 gave 104 / 75-78 / 64-88 (G = 4) and 102 / 124 / 124-184 (G = 8).
+
+**This run.** The VM's memory was slow that afternoon (STREAM-like read 18 GB/s at one thread, against 33.8 GB/s in
+the previous report), and the 2-thread half of this run ran while a CI run (test compiles) occupied the other vCPU:
+its 2-thread rows (and the 2-thread targets) understate what two free threads do. The 1-thread rows ran on a quiet
+machine. Quantize (8.0x / 8.6x gguf here, 10.6x / 12.1x in the previous report) and append were not changed by #14.
+
 ## Ring vs flat
 
 The ring's decode attention (kvref/ring.py `attend_one`) reads all W slots and decides per slot, from the position
