@@ -146,9 +146,9 @@ def local_array(shape):
     """A float32 scratch array of ``shape`` (a tuple), private to one call: ``np.empty`` here, in plain Python.
 
     Compiled, every dimension must be a compile-time constant (Numba literals: G and D are passed down from a
-    specialised entry point, see "Specialisation" above), and the array lives on the stack (``kvref/cpu/fast_math.py``)
-    or in CUDA local memory (``kvref/cuda/__init__.py``). Its contents start undefined, as ``np.empty``'s.
-    Call it at the top of a function that is *not* force-inlined, once, never inside a loop or an inlined helper.
+    specialised entry point, see "Specialisation" above), and the array lives on the stack or in CUDA local memory
+    (``kvref/lowering.py``; registered by ``kvref/cpu/fast_math.py`` and ``kvref/cuda/__init__.py``). Its contents
+    start undefined, as ``np.empty``'s. Call it at the top of a function that is *not* force-inlined, once, never inside a loop or an inlined helper.
     """
     return np.empty(shape, np.float32)
 

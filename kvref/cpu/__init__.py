@@ -2,7 +2,8 @@
 
 * :func:`compile_spec` applies ``numba.njit`` to a spec function, with compiled code cached on disk.
 * :func:`choose_schedule` is the one choice between a variant's serial loop and its ``prange`` schedule.
-* ``fast_math`` gives a few spec primitives a faster compiled form (fp16 widening, exp, the quantizers' block
+* ``fast_math`` registers ``attention.local_array`` (a stack array) and inlines the kernel's ``@inlined`` phases;
+  it also gives a few spec primitives a faster compiled form (fp16 widening, exp, the quantizers' block
   reductions); tests prove each equal to its spec over its whole domain or within a stated bound.
 * ``fast_quant`` gives the quantized block decode a vector form (LLVM vector IR per ggml format), bit-identical to
   the spec; it is what makes the two-tier cache's attention keep up with the fp16 flat cache.
