@@ -262,3 +262,81 @@ def test_dequantize_kernels_use_the_vector_decode(fmt, monkeypatch):
     ops = _instructions(kernel.inspect_asm(kernel.signatures[0]))
     assert not [op for op in ops if "cvtsi2s" in op]
     assert any(op.endswith("cvtdq2ps") for op in ops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantize: the vector form of quant.store_codes
+# ---------------------------------------------------------------------------------------------------------------
+def adversarial_floats(rng, n_random=3000):
+    """(n, 32) float32 blocks that probe every branch of the quantizers: rounding halves, ties, signed zeros, tiny
+    and huge scales, a min/max range that overflows float32, and random blocks over 60 decades of magnitude."""
+    blocks = [np.zeros((1, B)), -np.zeros((1, B)), np.ones((1, B)), -np.ones((1, B))]
+    zero_first = np.zeros((2, B))
+    zero_first[0, 0], zero_first[1, 5] = -0.0, -0.0
+    blocks.append(zero_first)
+    ramp = np.arange(B) - 15.5
+    for scale in (1.0, 127.0 / 15.5, 8.0 / 15.5, 2.0 ** -130, 2.0 ** -126, 3.0e-38, 1e-40, 1e38 / 15.5, 3.4e38 / 15.5):
+        blocks += [ramp[None] * scale, -ramp[None] * scale]
+    # values whose x * id lands exactly on a half (k + 0.5) for the q8_0 scale: amax 127, id 1 -> x = k + 0.5
+    halves = np.tile(np.arange(-16, 16) + 0.5, (2, 1))
+    halves[:, 0] = 127.0
+    halves[1] *= -1
+    blocks.append(halves)
+    # ties of the signed extreme (q4_0 / q5_0 keep the first) and of +-0 in min/max
+    tie = rng.standard_normal((4, B))
+    tie[0, 3], tie[0, 9] = 50.0, -50.0
+    tie[1, 3], tie[1, 9] = -50.0, 50.0
+    tie[2, :] = 0.0
+    tie[2, 7] = -0.0
+    tie[3, :] = np.where(np.arange(B) % 2, 0.0, -0.0)
+    blocks.append(tie)
+    blocks.append(np.array([[3.4e38] * 16 + [-3.4e38] * 16]))  # max - min overflows to inf: d = inf, id = 0
+    magnitudes = 10.0 ** rng.uniform(-30, 30, (n_random, 1))
+    blocks.append(rng.standard_normal((n_random, B)) * magnitudes)
+    blocks.append(rng.integers(-8, 8, (500, B)) * 10.0 ** rng.uniform(-3, 3, (500, 1)))  # exact multiples, many ties
+    with np.errstate(over="ignore"):
+        out = np.concatenate(blocks).astype(np.float32)
+    assert np.isfinite(out).all()
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_cpu_equals_python_on_adversarial_blocks(fmt):
+    """The vector encode writes the spec's bytes: as one block per row, and as rows of head_dim D."""
+    x = adversarial_floats(np.random.default_rng(140 + FORMATS.index(fmt)))
+    x = x[: x.shape[0] - x.shape[0] % (D // B)]
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf and inf * 0 in the overflowing block
+        want = quant.quantize(x, fmt, backend="python")
+        got = quant.quantize(x, fmt, backend="cpu")
+    bad = np.flatnonzero((got != want).any(axis=1))
+    assert bad.size == 0, f"{bad.size} blocks differ, first {bad[0]}: {x[bad[0]]!r}"
+    rows = x.reshape(-1, D)
+    assert np.array_equal(quant.quantize(rows, fmt, backend="cpu"), want.reshape(rows.shape[0], -1))
+
+
+def test_quantize_matches_gguf_on_the_finite_scales():
+    """The same blocks, against the independent oracle (gguf's NumPy quantizers), where gguf is defined: blocks
+    whose scale's reciprocal is finite and whose min/max range does not overflow, without signed-zero corners."""
+    gguf = pytest.importorskip("gguf")
+    x = adversarial_floats(np.random.default_rng(7))
+    amax = np.abs(x).max(axis=1)
+    keep = (amax > 1e-30) & (amax < 1e30) & (x != 0).all(axis=1)
+    x = x[keep]
+    for fmt in FORMATS:
+        with np.errstate(over="ignore"):  # gguf's fp16 cast of the scales of the largest blocks (inf, as ggml's)
+            want = gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, fmt.upper()))
+        assert np.array_equal(quant.quantize(x, fmt, backend="cpu"), want), fmt
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q5_1"])
+def test_quantize_kernels_use_the_vector_encode(fmt, monkeypatch):
+    """kvref.cpu.quant's compiled quantize loop has packed conversions and rounding, no scalar ones."""
+    monkeypatch.setenv("KVREF_NUMBA_CACHE", "0")
+    fid = quant.GGML_TYPES[fmt]
+    kernel = cpu_quant._with_format(quant.quantize_rows, fid)
+    kernel(np.ones((1, B), np.float32), np.empty((1, nbytes(fmt)), np.uint8))
+    ops = _instructions(kernel.inspect_asm(kernel.signatures[0]))
+    assert any(op.endswith("cvttps2dq") for op in ops), "packed float -> int32 truncation"
+    assert not [op for op in ops if re.fullmatch(r"v?cvtt?ss2si", op)], "no scalar float -> int conversion"
+    if fmt == "q8_0":
+        assert any(re.fullmatch(r"v?roundps|vrndscaleps", op) for op in ops), "packed rounding (roundf)"

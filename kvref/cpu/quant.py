@@ -9,9 +9,11 @@ each body is one call of the spec. It also matters for a less obvious reason: in
 reference-count pruning removes the atomic incref/decref of the per-block slice views (two atomics per slice, per
 block), which it cannot do across the run-time format switch; that alone was a third of the time.
 
-The block reductions and ``roundf`` compile to vector code through the CPU overloads in ``fast_math.py``.
-Throughput on one core (Zen 5, (4096, 1024) float32): quantize q8_0 / q4_0 about 13 GB/s, 17-20x
-``gguf.quants.quantize``; dequantize about 17 GB/s of float32 output.
+The block reductions and ``roundf`` compile to vector code through the CPU overloads in ``fast_math.py``, the codes
+and the decode of a block through those in ``fast_quant.py``. Throughput on one core: on Zen 5 ((4096, 1024)
+float32) quantize q8_0 / q4_0 about 13 GB/s, 17-20x ``gguf.quants.quantize``, dequantize about 17 GB/s of float32
+output; on this project's 2-core EPYC VM ((16384, 1024)) the compiled quantize loop 5-8 GB/s, and the whole
+``quant.quantize`` about 10-11x gguf, because its finite check first reads the input once more (BENCHMARKS.md).
 """
 
 from .. import quant
