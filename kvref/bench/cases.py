@@ -287,6 +287,7 @@ def bench_quantize(rng, rows=16384, cols=1024, formats=QUANT_FORMATS):
     except ImportError:
         return []
     from .. import quant
+    from ..cpu import quant as cpu_quant
 
     x = rng.standard_normal((rows, cols), dtype=np.float32)
     out = []
@@ -294,12 +295,17 @@ def bench_quantize(rng, rows=16384, cols=1024, formats=QUANT_FORMATS):
         qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
         blocks = quant.quantize(x, fmt)
         t_kvref = median_time(lambda: quant.quantize(x, fmt), [()], min_reps=5)
+        # the compiled loop alone (into a preallocated output), and the finite check quantize runs before it
+        target = np.empty_like(blocks)
+        t_loop = median_time(lambda: cpu_quant.quantize_rows(x, quant.GGML_TYPES[fmt], target), [()], min_reps=5)
+        t_check = median_time(lambda: quant.check_finite("x", x), [()], min_reps=5)
         t_gguf = median_time(lambda: gguf.quants.quantize(x, qtype), [()], min_reps=3, min_seconds=0.5)
         reference = gguf.quants.quantize(x, qtype)
         t_deq = median_time(lambda: quant.dequantize(blocks, fmt, x.shape), [()], min_reps=5)
         t_gguf_deq = median_time(lambda: gguf.quants.dequantize(reference, qtype), [()], min_reps=3,
                                   min_seconds=0.5)
-        out.append({"format": fmt, "bytes": int(x.nbytes), "kvref": t_kvref, "gguf": t_gguf, "kvref_deq": t_deq,
+        out.append({"format": fmt, "bytes": int(x.nbytes), "kvref": t_kvref, "kvref_loop": t_loop,
+                    "finite_check": t_check, "gguf": t_gguf, "kvref_deq": t_deq,
                     "gguf_deq": t_gguf_deq, "identical": bool(np.array_equal(blocks, reference))})
     return out
 
