@@ -98,9 +98,9 @@ def fake_results():
             r["ring_memory"] = {"window": 4096, "kv_heads": 8, "dtype": "float16",
                                 "rows": [{"n": n, "ring_nbytes": 10**6, "position_bytes": 10**4, "flat_bytes": 2 * n}
                                          for n in (1024, 4096, 65536)]}
-            r["quantize"] = [{"format": "q8_0", "bytes": 2**24, "kvref": 1e-3, "kvref_loop": 6e-4, "finite_check": 4e-4, "gguf": 2e-2,
-                              "kvref_deq": 1e-3,
-                              "gguf_deq": 5e-3, "identical": True}]
+            r["quantize"] = [{"format": "q8_0", "bytes": 2**24, "kvref": 1e-3, "kvref_loop": 6e-4,
+                              "finite_check": 4e-4, "gguf": 2e-2, "kvref_deq": 1e-3, "gguf_deq": 5e-3,
+                              "identical": True}]
             r["pooled_memory"] = {"lengths": [1, 8192], "tokens": 8193, "flat_nbytes": 10**8, "token_bytes": 4096,
                                   "pooled": [{"block_size": 16, "bytes_used": 4 * 10**7, "internal_fragmentation": 15}]}
         results.append(r)
