@@ -97,6 +97,8 @@ class HostOps:
     @staticmethod
     def as_storage(a, storage_dtype):
         """float16 arrays become their uint16 bit patterns (zero-copy); others pass through."""
+        if a.dtype == storage_dtype and a.flags.c_contiguous:
+            return a
         return np.ascontiguousarray(a).view(storage_dtype)
 
 

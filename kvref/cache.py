@@ -74,23 +74,28 @@ def next_version():
 
 
 def freeze(*arrays):
-    """Make the arrays of a plan read-only: a Step is a record of the plan, not something to edit."""
-    for array in arrays:
-        array.setflags(write=False)
+    """Immutable copies of the arrays of a plan: a Step is a record of the plan, not something to edit.
+
+    Each copy is backed by a ``bytes`` object, so it is read-only and NumPy refuses to make it writeable again
+    (``setflags(write=True)`` raises ValueError). With every field immutable and the Step a frozen dataclass, the
+    step plan() returned is recognised by the identity of the object and of its fields alone: write, attend and
+    advance need neither to re-plan nor to compare its bytes (:meth:`CacheBase._check_step`)."""
+    return tuple(np.ndarray(a.shape, a.dtype, a.tobytes()) for a in arrays)
 
 
 #: how many of the steps planned at one cache version are remembered for the fast check of write/attend/advance
 PLANNED_KEPT = 8
 
 
-def fingerprint(step):
-    """Every field of a Step as comparable values (an array as its dtype, shape and bytes): equal fingerprints =
-    an unedited step."""
-    values = []
-    for name in step_fields(type(step)):
-        a = getattr(step, name)
-        values.append((a.dtype.str, a.shape, a.tobytes()) if isinstance(a, np.ndarray) else a)
-    return tuple(values)
+def field_objects(step):
+    """The objects a Step's fields hold: the same objects (compared with ``is``) = an unedited step, because its
+    arrays are immutable (:func:`freeze`)."""
+    return tuple(getattr(step, name) for name in step_fields(type(step)))
+
+
+def same_objects(a, b):
+    """True when the two tuples hold the very same objects, position by position."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,7 +168,8 @@ class CacheBase(ABC):
         self._step_key = None
         self._written = set()
         self._pending = {}
-        self._planned = {}  # id(step) -> (step, fingerprint) of the steps plan() returned in this version
+        # id(step) -> (step, its field objects, its key) of the steps plan() returned in this version
+        self._planned = {}
 
     # --- what a variant declares ----------------------------------------------------------------------------
     @abstractmethod
@@ -323,9 +329,10 @@ class CacheBase(ABC):
             raise StaleStepError("step", f"a step planned at cache version {self._version}",
                                  f"version {step.version}", detail="the cache changed since plan(); plan again")
         known = self._planned.get(id(step))
-        if known is not None and known[0] is step and known[1] == fingerprint(step):
-            # the very object plan() returned at this version, its fields as they were: nothing to re-plan (the
-            # write/attend/advance of every layer used to re-plan here, the most of a step's host time)
+        if known is not None and known[0] is step and same_objects(known[1], field_objects(step)):
+            # the very object plan() returned at this version, holding the very (immutable) arrays it was given:
+            # nothing to re-plan (the write/attend/advance of every layer used to re-plan here, the most of a step's
+            # host time) and nothing to compare
             self._check_not_mid_step("planning another step", self._key(step))
             return
         fresh = self.plan(step.num_tokens, step.seq_ids)  # re-validates the sequences and the capacity
@@ -338,6 +345,8 @@ class CacheBase(ABC):
                 raise StaleStepError("step", f"the {field.name} that plan() returned", f"edited {field.name}")
 
     def _check_array(self, name, a, dims, dtype):
+        if type(a) is np.ndarray and a.shape == dims and a.dtype == dtype:  # the common case, at once
+            return
         if not isinstance(a, np.ndarray) and not self._ops.is_device_array(a):
             raise DTypeError(name, "a NumPy array", type_name(a))
         if tuple(a.shape) != tuple(dims):
@@ -407,9 +416,11 @@ class CacheBase(ABC):
                 f"and {limit} bytes of memory are here)", num_tokens, detail="nothing was changed")
 
     # --- the step being written ----------------------------------------------------------------------------
-    @staticmethod
-    def _key(step):
-        """What identifies a step while it is written: (version, seq_ids, T)."""
+    def _key(self, step):
+        """What identifies a step while it is written: (version, seq_ids, T) (kept with a step plan() returned)."""
+        known = self._planned.get(id(step))
+        if known is not None and known[0] is step:
+            return known[2]
         return step.version, tuple(step.seq_ids.tolist()), step.num_tokens
 
     def _track(self, step):
@@ -431,8 +442,10 @@ class CacheBase(ABC):
         """Where a written step must be advanced: after its first write, only that step's own calls (plan, write,
         attend, advance; ``key`` is the planned step's) and a whole ``reset()`` may run; anything else raises
         StaleStepError."""
+        if not self.written_step_must_advance:
+            return
         mid_step = self._written and self._step_key is not None and self._step_key[0] == self._version
-        if self.written_step_must_advance and mid_step and key != self._step_key:
+        if mid_step and key != self._step_key:
             raise StaleStepError("step", f"advance() of the step already written before {action}",
                                  "a written step that was not advanced",
                                  detail="a written step must be advanced (or the cache reset)")
@@ -456,15 +469,20 @@ class CacheBase(ABC):
         self._check_step_size(ids, num_tokens)
         positions = self._lengths[ids][:, None] + np.arange(num_tokens, dtype=np.int64)[None, :]
         step = self._plan(ids, positions)  # its own refusals (overflow, exhaustion) first, as if no step were written
-        self._check_not_mid_step("planning another step", self._key(step))
+        key = self._key(step)
+        self._check_not_mid_step("planning another step", key)
         if len(self._planned) >= PLANNED_KEPT:
             self._planned.pop(next(iter(self._planned)))  # the oldest: a Step planned long ago re-plans to check
-        self._planned[id(step)] = (step, fingerprint(step))
+        self._planned[id(step)] = (step, field_objects(step), key)
         return step
 
     def write(self, step, layer, k_new, v_new):
         """Write one layer's new K and V, each (n_seq, T, kv_heads, head_dim) in the cache's dtype."""
         k_store, v_store = self._check_kv(step, layer, k_new, v_new)  # re-plans: refuses another step mid-step
+        self._store(step, layer, k_store, v_store)
+
+    def _store(self, step, layer, k_store, v_store):
+        """The write of one layer, every check done: store (or hold aside) its K/V and record the layer written."""
         self._track(step)
         self._write(step, layer, k_store, v_store)
         self._written.add(layer)
@@ -503,8 +521,10 @@ class CacheBase(ABC):
         for name, a in (("k_new", k_new), ("v_new", v_new)):
             self._check_array(name, a, dims, self.shape.public_dtype)
             self._check_values(name, a)
-        for layer in range(self.shape.layers):
-            self.write(step, layer, k_new[layer], v_new[layer])
+        storage = self.shape.storage_dtype
+        for layer in range(self.shape.layers):  # all checked above: each layer is only stored
+            self._store(step, layer, self._ops.as_storage(k_new[layer], storage),
+                        self._ops.as_storage(v_new[layer], storage))
         self.advance(step)
         return step
 

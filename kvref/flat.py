@@ -194,11 +194,8 @@ class FlatCache(CacheBase):
                     num_tokens, detail="nothing was written")
 
     def _plan(self, ids, positions):
-        slots = np.empty_like(positions)
-        for i in range(positions.shape[0]):
-            for t in range(positions.shape[1]):
-                slots[i, t] = flat_slot(positions[i, t])
-        freeze(ids, positions, slots)
+        slots = np.array([[flat_slot(p) for p in row] for row in positions.tolist()], np.int64)
+        ids, positions, slots = freeze(ids, positions, slots)
         return FlatStep(ids, positions, slots, self._id, self._version)
 
     def _write(self, step, layer, k_store, v_store):

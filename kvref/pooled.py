@@ -445,7 +445,7 @@ class PooledCache(SequenceRows, CacheBase):
                     slots[i, t] = pooled_slot(books.tables[s], books.starts[s], positions[i, t], self.block_size)
             books.lengths[ids] += positions.shape[1]
             tables, starts = books.tables[ids], books.starts[ids]
-            freeze(ids, positions, slots, tables, starts, copies)
+            ids, positions, slots, tables, starts, copies = freeze(ids, positions, slots, tables, starts, copies)
             step = PooledStep(ids, positions, slots, self._id, self._version, tables, starts, copies)
             self._dry_runs[key] = (step, books)
         return self._dry_runs[key][0]

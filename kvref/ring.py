@@ -314,7 +314,7 @@ class RingCache(CacheBase):
                 kept = kept_after_step(p, last, self.window, self.sinks)
                 slots[i, t] = ring_slot(p, self.window, self.sinks) if kept else -1
         deferred = any(must_defer(int(self._lengths[s]), num_tokens, self.window) for s in ids.tolist())
-        freeze(ids, positions, slots)
+        ids, positions, slots = freeze(ids, positions, slots)
         return RingStep(ids, positions, slots, self._id, self._version, deferred)
 
     def _write(self, step, layer, k_store, v_store):

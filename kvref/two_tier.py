@@ -386,7 +386,7 @@ class TwoTierCache(CacheBase):
             tiers[i, 2] = max(0, length + num_tokens - self.max_tokens)
             in_tail = positions[i] >= tiers[i, 1]
             slots[i, in_tail] = positions[i, in_tail] % self.tail_tokens
-        freeze(ids, positions, slots, tiers)
+        ids, positions, slots, tiers = freeze(ids, positions, slots, tiers)
         return TwoTierStep(ids, positions, slots, self._id, self._version, tiers)
 
     def _check_values(self, name, a):
