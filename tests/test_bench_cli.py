@@ -95,6 +95,8 @@ def fake_results():
              "pooled": [{"dtype": "float16", "kv_heads": 8, "n": 4096, "pooled": 1.1e-3, "flat": 1e-3, "ratio": 1.1}]}
         if threads == 1:
             r["append"] = [{"n": n, "kvref": 2e-6, "torch_cat": 1e-3} for n in (1024, 16384, 65536)]
+            r["append_host"] = {"layers": 32, "append_all": 1e-5, "plan": 1.5e-5, "write": 1.5e-5,
+                                "advance": 7e-6, "torch_copy": 2e-6}
             r["ring_memory"] = {"window": 4096, "kv_heads": 8, "dtype": "float16",
                                 "rows": [{"n": n, "ring_nbytes": 10**6, "position_bytes": 10**4, "flat_bytes": 2 * n}
                                          for n in (1024, 4096, 65536)]}
@@ -112,7 +114,8 @@ def test_report_renders_every_section():
     assert text.startswith("# kvref benchmarks\n")
     assert "`python -m kvref.bench --write`" in text
     for heading in ("## Memory bandwidth", "## Decode attention, 1 thread(s)", "## Decode attention, 2 thread(s)",
-                    "## Append one token", "## Ring vs flat", "## Ring memory", "## ggml quantization",
+                    "## Append one token", "## Host time of a decode step", "## Ring vs flat", "## Ring memory",
+                    "## ggml quantization",
                     "## Two-tier vs flat fp16 decode attention", "## Pooled (paged", "## Pooled memory",
                     "## Targets", "## Why targets are missed", "## GPU"):
         assert heading in text, heading

@@ -11,6 +11,7 @@
 
 import math
 import sys
+import time
 
 from .measure import D, Q_HEADS, kv_bytes, measure_bandwidth, median_time, rotations, strict_read_limit
 
@@ -150,6 +151,58 @@ def bench_append(n_values, kv_heads=8, rng=None):
             pass
         rows.append(row)
     return rows
+
+
+def bench_append_host(layers=32, kv_heads=8, n=1024, rng=None):
+    """Host time of one decode step's writes (fp32, 8 KV heads, 1 token): the one-layer plan / write / advance
+    apart, ``cache.append`` of all ``layers`` layers at once (per layer), and torch's in-place copy of one layer's
+    new K and V into a preallocated tensor (what a framework's own cache does: the floor of a write)."""
+    import numpy as np
+
+    from ..flat import FlatCache
+    from ..shapes import CacheShape
+
+    cache = FlatCache(CacheShape(layers, Q_HEADS, kv_heads, D, "float32"), batch=1, max_tokens=n + 1, backend="cpu")
+    k = rng.standard_normal((layers, 1, 1, kv_heads, D), dtype=np.float32)
+    cache._lengths[0] = n
+
+    def append_all():
+        cache.append(k, k)
+        cache._lengths[0] = n
+
+    row = {"layers": layers, "append_all": median_time(append_all, [()], min_reps=50, min_seconds=0.3,
+                                                       max_reps=2000) / layers}
+    phases = {"plan": [], "write": [], "advance": []}
+    append_all()  # warm
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        step = cache.plan(1)
+        t1 = time.perf_counter()
+        cache.write(step, 0, k[0], k[0])
+        t2 = time.perf_counter()
+        for layer in range(1, layers):
+            cache.write(step, layer, k[layer], k[layer])
+        t3 = time.perf_counter()
+        cache.advance(step)
+        t4 = time.perf_counter()
+        cache._lengths[0] = n
+        for name, dt in (("plan", t1 - t0), ("write", t2 - t1), ("advance", t4 - t3)):
+            phases[name].append(dt)
+    row.update({name: float(np.median(times)) for name, times in phases.items()})
+    try:
+        import torch
+
+        tk, tv = torch.zeros(1, kv_heads, n + 1, D), torch.zeros(1, kv_heads, n + 1, D)
+        new = torch.from_numpy(k[0].reshape(1, kv_heads, D))
+
+        def torch_copy():
+            tk[:, :, n].copy_(new)
+            tv[:, :, n].copy_(new)
+
+        row["torch_copy"] = median_time(torch_copy, [()], min_reps=200, min_seconds=0.2, max_reps=5000)
+    except ImportError:
+        pass
+    return row
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,6 +481,7 @@ def run_threads(threads, sizes, quick):
     result["pooled"] = _versus_flat(bench_pooled, "pooled (B=16) vs flat", threads, sizes, rng)
     if threads == 1:
         result["append"] = bench_append([1024, 4096, 16384, 65536], rng=rng)
+        result["append_host"] = bench_append_host(rng=rng)
         result["ring_memory"] = ring_memory()
         result["quantize"] = bench_quantize(rng, rows=4096 if quick else 16384)
         result["pooled_memory"] = pooled_memory()

@@ -73,6 +73,18 @@ def report(results, machine):
         if "torch_cat" in by_n[16384]:
             speed = by_n[16384]["torch_cat"] / by_n[16384]["kvref"]
             targets.append(("Append >= 100x faster than torch.cat at n=16k", f"{speed:.0f}x", speed >= 100))
+    if one and one[0].get("append_host"):
+        h = one[0]["append_host"]
+        lines += ["", f"## Host time of a decode step's writes (fp32, 8 KV heads, 1 token, {h['layers']} layers)", "",
+                  "Medians in µs. 'write' is one layer's `write` (checks, then the compiled scatter); 'append, per "
+                  "layer' is `cache.append` of all layers at once (every layer checked once, then only stored, one "
+                  "plan and one advance) divided by the layers; torch's in-place copy of one layer's new K and V into "
+                  "a preallocated tensor is the floor of a write.", "",
+                  "| plan | write (1 layer) | advance | append, per layer | torch in-place copy (1 layer) |",
+                  "|---|---|---|---|---|",
+                  f"| {h['plan'] * 1e6:.1f} | {h['write'] * 1e6:.1f} | {h['advance'] * 1e6:.1f} | "
+                  f"{h['append_all'] * 1e6:.1f} | "
+                  + (f"{h['torch_copy'] * 1e6:.1f} |" if "torch_copy" in h else "— |")]
     ring_targets = []
     for r in results:
         lines += ["", f"## Ring vs flat decode attention, {r['threads']} thread(s): same number of visible keys", "",
