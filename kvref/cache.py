@@ -479,9 +479,9 @@ class CacheBase(ABC):
     def write(self, step, layer, k_new, v_new):
         """Write one layer's new K and V, each (n_seq, T, kv_heads, head_dim) in the cache's dtype."""
         k_store, v_store = self._check_kv(step, layer, k_new, v_new)  # re-plans: refuses another step mid-step
-        self._store(step, layer, k_store, v_store)
+        self._store_layer(step, layer, k_store, v_store)
 
-    def _store(self, step, layer, k_store, v_store):
+    def _store_layer(self, step, layer, k_store, v_store):
         """The write of one layer, every check done: store (or hold aside) its K/V and record the layer written."""
         self._track(step)
         self._write(step, layer, k_store, v_store)
@@ -523,7 +523,7 @@ class CacheBase(ABC):
             self._check_values(name, a)
         storage = self.shape.storage_dtype
         for layer in range(self.shape.layers):  # all checked above: each layer is only stored
-            self._store(step, layer, self._ops.as_storage(k_new[layer], storage),
+            self._store_layer(step, layer, self._ops.as_storage(k_new[layer], storage),
                         self._ops.as_storage(v_new[layer], storage))
         self.advance(step)
         return step
