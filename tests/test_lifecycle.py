@@ -507,8 +507,9 @@ def test_a_step_edited_in_place_is_refused_and_changes_nothing(field):
 
 
 def test_write_attend_advance_do_not_re_plan(monkeypatch):
-    """Each layer's write and attend, and advance, check the step plan() returned by the identity of it and of its (immutable) fields: plan
-    runs once per step (a 32-layer step re-planned 65 times before, most of its host time)."""
+    """Each layer's write and attend, and advance, check the step plan() returned by the identity of it and of its
+    (immutable) fields: plan runs once per step (a 32-layer step re-planned 65 times before, most of its host
+    time)."""
     cache = kvref.FlatCache(SHAPE, batch=2, max_tokens=8, backend="python")
     calls = []
     original = kvref.FlatCache._plan

@@ -269,10 +269,47 @@ What was tried for the score phase, hot, G = 4 / G = 8 (cycles per key): KEYS = 
 in registers beyond KEYS = 1, so `SCORE_KEYS` = 1; the assembly check below shows packed ymm FMAs in every
 specialisation. For the values: ROWS = 2 / 4 / 8 gave 104 / 75-78 / 64-88 (G = 4) and 102 / 124 / 124-184 (G = 8).
 
-**This run.** The VM's memory was slow that afternoon (STREAM-like read 18 GB/s at one thread, against 33.8 GB/s in
-the previous report), and the 2-thread half of this run ran while a CI run (test compiles) occupied the other vCPU:
-its 2-thread rows (and the 2-thread targets) understate what two free threads do. The 1-thread rows ran on a quiet
-machine. Quantize (8.0x / 8.6x gguf here, 10.6x / 12.1x in the previous report) and append were not changed by #14.
+## Quantize and append (issue #14's other targets)
+
+**Quantize.** The codes of a block (`quant.store_codes`, split out of `quantize_block`) now have a 32-lane vector form
+for the CPU (kvref/cpu/fast_quant.py: fmul, llvm.round or fsub/fmul/fadd, fptosi, the nibble packing and the q5 bit
+word; byte-identical to the spec, tested on adversarial blocks and against gguf). Side by side with the previous
+commit (alternating processes, same hour, the compiled loop alone on (16,384 x 1024) float32, best of 9):
+
+| format | before, ms | after, ms | hot, ns per block, before -> after |
+|---|---|---|---|
+| q8_0 | 9.1-11.0 | 7.3-8.3 | 15.8 -> 15.3 |
+| q4_0 | 9.9-13.1 | 10.0-10.1 | 17.5 -> 15.6 |
+| q4_1 | 15.2-18.1 | 12.4-13.0 | 26.0 -> 23.5 |
+| q5_0 | 21.2-21.7 | 13.3-13.8 | 32.8 -> 21.9 |
+| q5_1 | 22.2-25.3 | 16.5-17.1 | 41.2 -> 30.0 |
+
+The compiled loop alone now reaches the 15x target for every format (the table above: 'loop x gguf'); the whole
+`quant.quantize` call does not, by one read pass: before any compiled code runs it proves the input finite (NaN and
+inf are refused with the first bad index, the project's rule that validation comes first), a NumPy sum over the 64
+MiB input at 11-13 GB/s, which costs about as much as the quantization itself (gguf checks nothing). A compiled
+integer max over the float bits was measured no faster (11.6 GB/s: both are bound by this VM's one-thread read).
+Why the loop is not faster still: with its input in L1, q8_0 takes about 15 ns (37-45 cycles) per block for
+about 75 instructions. One block is one dependent chain (load, abs, a 32-lane max tree, two divisions for d and 1/d,
+the fp16 store, then the scaled, rounded, packed codes) of roughly 80-100 cycles; the out-of-order window holds about
+three blocks' instructions, so blocks overlap only about three-fold. Two blocks interleaved in one loop body would
+break the chain, at the cost of a spec loop that no longer reads as "one block at a time"; not done.
+
+**Append.** Where the host time of one layer's plan / write / advance went (medians, one layer, fp32, 8 KV heads,
+before this change): plan 15-16 µs (the Step's arrays, their read-only copies and a fingerprint of their bytes),
+write 18-23 µs (checks 7-14, of which the step's fingerprint was half; Numba's dispatch of the compiled scatter
+about 5), advance 9-10 µs. What changed: a Step's arrays are now immutable (backed by `bytes`: NumPy refuses to
+make them writeable again), so write / attend / advance recognise the step plan() returned by the identity of it and of its
+fields, without comparing bytes; its key (version, sequences, T) is computed once; the array checks take a fast path
+for an exact match; and `append()` checks every layer once and then only stores them (before, it ran the whole
+`write` per layer). Measured side by side with the previous commit (alternating processes, best of 7 x 10,000):
+one layer plan / write / advance 15.1 / 17.8-22.7 / 9.2-9.4 -> 15.2-15.4 / 14.9 / 7.2-7.3 µs; a 32-layer `append`
+20.6-23.2 -> 9.6-11.0 µs per layer (2.1-2.4x). What is left per layer is Numba's dispatch of the compiled scatter
+(about 5 µs for its six arguments) and two `as_storage` views; a write of all layers in one compiled call would cut
+that, and is not done. torch's in-place copy of one layer's K and V (the floor of any write, the table above) is a
+few µs.
+
+**This run.** See the bandwidth table: the VM's memory speed moves between runs, so compare ratios within a run.
 
 ## Ring vs flat
 
