@@ -298,12 +298,12 @@ break the chain, at the cost of a spec loop that no longer reads as "one block a
 **Append.** Where the host time of one layer's plan / write / advance went (medians, one layer, fp32, 8 KV heads,
 before this change): plan 15-16 µs (the Step's arrays, their read-only copies and a fingerprint of their bytes),
 write 18-23 µs (checks 7-14, of which the step's fingerprint was half; Numba's dispatch of the compiled scatter
-about 5), advance 9-10 µs. What changed: a Step's arrays are now immutable (backed by `bytes`: NumPy refuses to
-make them writeable again), so write / attend / advance recognise the step plan() returned by the identity of it and of its
-fields, without comparing bytes; its key (version, sequences, T) is computed once; the array checks take a fast path
-for an exact match; and `append()` checks every layer once and then only stores them (before, it ran the whole
-`write` per layer). Measured side by side with the previous commit (alternating processes, best of 7 x 10,000):
-one layer plan / write / advance 15.1 / 17.8-22.7 / 9.2-9.4 -> 15.2-15.4 / 14.9 / 7.2-7.3 µs; a 32-layer `append`
+about 5), advance 9-10 µs. What changed: a Step's arrays are now immutable (backed by `bytes`: NumPy refuses to make
+them writeable again), so write / attend / advance recognise the step plan() returned by the identity of it and of
+its fields, without comparing bytes; its key (version, sequences, T) is computed once; the array checks take a fast
+path for an exact match; and `append()` checks every layer once and then only stores them (before, it ran the whole
+`write` per layer). Measured side by side with the previous commit (alternating processes, best of 7 x 10,000): one
+layer plan / write / advance 15.1 / 17.8-22.7 / 9.2-9.4 -> 15.2-15.4 / 14.9 / 7.2-7.3 µs; a 32-layer `append`
 20.6-23.2 -> 9.6-11.0 µs per layer (2.1-2.4x). What is left per layer is Numba's dispatch of the compiled scatter
 (about 5 µs for its six arguments) and two `as_storage` views; a write of all layers in one compiled call would cut
 that, and is not done. torch's in-place copy of one layer's K and V (the floor of any write, the table above) is a
