@@ -382,6 +382,18 @@ def test_sinks_chunk_from_empty_longer_than_ring(backend):
 # ---------------------------------------------------------------------------------------------------------------
 # with W >= every length the ring is the flat cache
 # ---------------------------------------------------------------------------------------------------------------
+def assert_same_arithmetic(backend, got, want):
+    """The spec (python backend) runs the very same float32 operations: bit-identical. A compiled backend runs the
+    same tiles and arithmetic too, but under fast-math (reassociation, contraction) two compiled functions are not
+    bound to round alike: one function's JIT-compiled code and the object code Numba caches on disk for it were
+    measured to differ by 1 ulp in 6 of 1,152 outputs, so a ring compiled in this process against a flat kernel
+    loaded from the cache (or the reverse: it depends on which ran first) agree to float32 rounding only."""
+    if backend == "python":
+        assert np.array_equal(got, want), "bit-identical to the flat cache"
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("schedule", [[1] * 9, [5, 1, 1, 7, 1, 3]], ids=["decode", "chunks"])
 def test_unwrapped_ring_equals_flat_cache_bitwise(backend, dtype, schedule):
@@ -402,7 +414,7 @@ def test_unwrapped_ring_equals_flat_cache_bitwise(backend, dtype, schedule):
             flat.write(sf, layer, k, v)
             assert ring.kv.tobytes() == flat.kv.tobytes()
             out_r, out_f = ring.attend(sr, layer, q), flat.attend(sf, layer, q)
-            assert np.array_equal(out_r, out_f), "bit-identical to the flat cache"
+            assert_same_arithmetic(backend, out_r, out_f)
         ring.advance(sr)
         flat.advance(sf)
     assert ring.nbytes == flat.nbytes and ring.kv.shape == flat.kv.shape

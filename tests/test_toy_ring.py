@@ -147,8 +147,9 @@ def test_window_changes_nothing_while_the_sequence_fits(backend):
 @pytest.mark.parametrize("chunk", [None, 4])
 @pytest.mark.parametrize("extra", [0, 7])
 def test_ring_as_large_as_the_sequence_equals_flat_exactly(backend, chunk, extra):
-    """A RingCache with window >= P + N on a full-attention model: bit-identical tokens and logits to a FlatCache
-    (an unwrapped ring goes through exactly the flat cache's tiles, kvref/attention.py attend_slots)."""
+    """A RingCache with window >= P + N on a full-attention model: the same tokens as a FlatCache and, on the python
+    backend, bit-identical logits (an unwrapped ring goes through exactly the flat cache's tiles, kvref/attention.py
+    attend_slots); compiled, equal to float32 rounding (see tests/test_ring.py, assert_same_arithmetic)."""
     model = ToyModel(FULL)
     P, N = 10, 20
     prompt = prompt_of(FULL, P, seed=6)
@@ -156,12 +157,20 @@ def test_ring_as_large_as_the_sequence_equals_flat_exactly(backend, chunk, extra
     ring_cache = kvref.RingCache(FULL.cache_shape(), window=P + N + extra, backend=backend)
     ring = model.generate(prompt, N, prefill_chunk=chunk, cache=ring_cache)
     np.testing.assert_array_equal(ring.tokens, flat.tokens)
-    assert np.array_equal(ring.logits, flat.logits)
-    assert np.array_equal(ring.final_logits, flat.final_logits)
+    if backend == "python":  # the same float32 operations: bit-identical
+        assert np.array_equal(ring.logits, flat.logits)
+        assert np.array_equal(ring.final_logits, flat.final_logits)
+    else:  # fast-math code may round differently once compiled vs loaded from the disk cache (test_ring.py)
+        np.testing.assert_allclose(ring.logits, flat.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ring.final_logits, flat.final_logits, rtol=1e-5, atol=1e-5)
     assert ring.step_dot_products == flat.step_dot_products
     for layer in range(FULL.layers):
-        assert np.array_equal(ring_cache.keys(layer), flat.cache.keys(layer))
-        assert np.array_equal(ring_cache.values(layer), flat.cache.values(layer))
+        # layer 0 stores the embeddings' projections: the same bytes; later layers store projections of the
+        # attention outputs below them, bit-identical on the python backend and to float32 rounding compiled
+        same = np.array_equal if backend == "python" or layer == 0 else (
+            lambda a, b: np.allclose(a, b, rtol=1e-5, atol=1e-5))
+        assert same(ring_cache.keys(layer), flat.cache.keys(layer))
+        assert same(ring_cache.values(layer), flat.cache.values(layer))
 
 
 # ---------------------------------------------------------------------------------------------------------------
