@@ -319,7 +319,9 @@ class CacheBase(ABC):
         return [int(seq)]
 
     def _check_step(self, step):
-        """The step must come from this cache's plan() in its current state, unedited (every field compared)."""
+        """The step must come from this cache's plan() in its current state, unedited: the very object plan()
+        returned, holding the very (immutable) arrays it was given, or else a step whose every field equals a fresh
+        plan's."""
         if not isinstance(step, Step):
             raise StaleStepError("step", f"a {self.step_type.__name__} from this cache's plan()", type_name(step))
         if step.cache_id != self._id:
@@ -335,6 +337,7 @@ class CacheBase(ABC):
             # host time) and nothing to compare
             self._check_not_mid_step("planning another step", self._key(step))
             return
+        self._planned.pop(id(step), None)  # an edited step's saved key no longer describes it
         fresh = self.plan(step.num_tokens, step.seq_ids)  # re-validates the sequences and the capacity
         if type(step) is not type(fresh):
             raise StaleStepError("step", f"a {type(fresh).__name__}", type(step).__name__)
@@ -419,7 +422,7 @@ class CacheBase(ABC):
     def _key(self, step):
         """What identifies a step while it is written: (version, seq_ids, T) (kept with a step plan() returned)."""
         known = self._planned.get(id(step))
-        if known is not None and known[0] is step:
+        if known is not None and known[0] is step and same_objects(known[1], field_objects(step)):
             return known[2]
         return step.version, tuple(step.seq_ids.tolist()), step.num_tokens
 

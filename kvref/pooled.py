@@ -81,7 +81,7 @@ from numba.extending import register_jitable
 from .attention import (SCORE_KEYS, TILE, WORK_COLUMNS, accumulate_rows, local_array, score_rows, softmax_finish,
                         softmax_start, softmax_weights)
 from .backends import HOST
-from .cache import CacheBase, Step, allocate, freeze
+from .cache import CacheBase, Step, allocate, field_objects, freeze, same_objects
 from .errors import CacheOverflowError, PoolExhaustedError, ShapeError
 from .page_table import validate_page_table
 from .pool import LIVE, BlockPool, Books, SequenceRows
@@ -435,7 +435,8 @@ class PooledCache(SequenceRows, CacheBase):
     def _plan(self, ids, positions):
         """The dry run (:func:`plan_blocks`) on a copy of the books, memoised per cache version."""
         key = (self._version, tuple(ids.tolist()), positions.shape[1])  # the step's _key
-        if key not in self._dry_runs:
+        saved = self._dry_runs.get(key)
+        if saved is None or not same_objects(saved[2], field_objects(saved[0])):  # none yet, or its step was edited
             books = self._books.copy()
             copies = plan_blocks(books, ids.tolist(), positions.shape[1], self.block_size, self.max_tokens,
                                  self.evict, self.live_sequences(), self.pool.ref_counts)
@@ -447,7 +448,7 @@ class PooledCache(SequenceRows, CacheBase):
             tables, starts = books.tables[ids], books.starts[ids]
             ids, positions, slots, tables, starts, copies = freeze(ids, positions, slots, tables, starts, copies)
             step = PooledStep(ids, positions, slots, self._id, self._version, tables, starts, copies)
-            self._dry_runs[key] = (step, books)
+            self._dry_runs[key] = (step, books, field_objects(step))
         return self._dry_runs[key][0]
 
     def _write(self, step, layer, k_store, v_store):

@@ -526,3 +526,39 @@ def test_write_attend_advance_do_not_re_plan(monkeypatch):
     copy = kvref.FlatStep(**{f: getattr(planned, f) for f in ("seq_ids", "positions", "slots", "cache_id", "version")})
     cache.write(copy, 0, k, k)  # an equal step that is another object: checked the slow way, and accepted
     assert len(calls) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a step edited with object.__setattr__ (past the frozen dataclass) after a layer was written is refused
+# ---------------------------------------------------------------------------------------------------------------
+def test_reordered_seq_ids_after_a_write_are_refused_and_change_nothing():
+    """Two sequences of equal length: a step whose seq_ids are reversed after layer 0 was written re-plans to equal
+    fields, but its layer 0 was written for the other order: advance must not mix the two (two-tier holds layer 0's
+    K/V aside until advance, so a mix would store sequence 1's rows as sequence 0's)."""
+    cache = kvref.TwoTierCache(SHAPE, batch=2, max_tokens=16, tail_tokens=8, store_format="q8_0",
+                               backend="python")
+    k0 = np.ones((2, 1, SHAPE.kv_heads, SHAPE.head_dim), np.float32)
+    k0[1] = 2.0
+    step = cache.plan(1)
+    cache.write(step, 0, k0, k0)
+    object.__setattr__(step, "seq_ids", step.seq_ids[::-1].copy())
+    cache.write(step, 1, k0, k0)  # accepted: it equals a fresh plan for the order (1, 0), whose writes start anew
+    before = cache.state()
+    with pytest.raises(kvref.StaleStepError, match=r"layer\(s\) \[0\]"):  # layer 0 was written for (0, 1)
+        cache.advance(step)
+    assert_state_equal(before, cache.state())
+
+
+def test_pooled_step_edited_past_the_frozen_dataclass_is_refused():
+    """The pooled cache memoises its dry run per version; an edited step must not be handed back as its own
+    fresh plan (which would compare it with itself)."""
+    cache = kvref.PooledCache(SHAPE, batch=2, block_size=4, num_blocks=8, backend="python")
+    k = np.ones((2, 1, SHAPE.kv_heads, SHAPE.head_dim), np.float32)
+    step = cache.plan(1)
+    edited = step.slots.copy()
+    edited[0, 0] += 1
+    object.__setattr__(step, "slots", edited)
+    before = cache.state()
+    with pytest.raises(kvref.StaleStepError):
+        cache.write(step, 0, k, k)
+    assert_state_equal(before, cache.state())

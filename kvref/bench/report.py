@@ -305,11 +305,13 @@ path for an exact match; and `append()` checks every layer once and then only st
 `write` per layer). Measured side by side with the previous commit (alternating processes, best of 7 x 10,000): one
 layer plan / write / advance 15.1 / 17.8-22.7 / 9.2-9.4 -> 15.2-15.4 / 14.9 / 7.2-7.3 µs; a 32-layer `append`
 20.6-23.2 -> 9.6-11.0 µs per layer (2.1-2.4x). What is left per layer is Numba's dispatch of the compiled scatter
-(about 5 µs for its six arguments) and two `as_storage` views; a write of all layers in one compiled call would cut
+(about 5 µs for its six arguments) and two `as_storage` calls; a write of all layers in one compiled call would cut
 that, and is not done. torch's in-place copy of one layer's K and V (the floor of any write, the table above) is a
 few µs.
 
 **This run.** See the bandwidth table: the VM's memory speed moves between runs, so compare ratios within a run.
+The 1-thread half ran on a quiet machine; the 2-thread half ran while a CI run (a fresh clone's test suite, mostly
+Numba compiles) used one of the two vCPUs, so its 2-thread rows and targets understate what two free threads do.
 
 ## Ring vs flat
 
