@@ -330,8 +330,7 @@ class CacheBase(ABC):
         if step.version != self._version:
             raise StaleStepError("step", f"a step planned at cache version {self._version}",
                                  f"version {step.version}", detail="the cache changed since plan(); plan again")
-        known = self._planned.get(id(step))
-        if known is not None and known[0] is step and same_objects(known[1], field_objects(step)):
+        if self._as_planned(step) is not None:
             # the very object plan() returned at this version, holding the very (immutable) arrays it was given:
             # nothing to re-plan (the write/attend/advance of every layer used to re-plan here, the most of a step's
             # host time) and nothing to compare
@@ -419,10 +418,18 @@ class CacheBase(ABC):
                 f"and {limit} bytes of memory are here)", num_tokens, detail="nothing was changed")
 
     # --- the step being written ----------------------------------------------------------------------------
-    def _key(self, step):
-        """What identifies a step while it is written: (version, seq_ids, T) (kept with a step plan() returned)."""
+    def _as_planned(self, step):
+        """The saved (step, field objects, key) when ``step`` is the very object plan() returned at this version,
+        still holding the very (immutable) arrays it was given; else None."""
         known = self._planned.get(id(step))
         if known is not None and known[0] is step and same_objects(known[1], field_objects(step)):
+            return known
+        return None
+
+    def _key(self, step):
+        """What identifies a step while it is written: (version, seq_ids, T) (kept with a step plan() returned)."""
+        known = self._as_planned(step)
+        if known is not None:
             return known[2]
         return step.version, tuple(step.seq_ids.tolist()), step.num_tokens
 
