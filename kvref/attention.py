@@ -176,6 +176,19 @@ def softmax_start(acc, work):
             acc[g, d] = 0.0
 
 
+@register_jitable
+def lane_sum(x):
+    """The sum of ``x`` over the lanes that share one dot product: the identity here, and on the CPU.
+
+    A CUDA flash-decoding block cuts head_dim over L lanes (threads), lane j holding columns j, j + L, j + 2L, ...
+    (kvref/cuda/__init__.py, "Flash-decoding"); each lane's :func:`score_block` then sums its own columns, and
+    this adds the L partial sums, so every lane gets the whole score. On a GPU it is a butterfly of warp shuffles
+    (``cuda.shfl_xor_sync``, log2 L steps; each step adds the same two numbers in every lane, so all lanes get the
+    same bits); in the CUDA simulator, which has no shuffles, the same butterfly through the block's barrier. With
+    one lane, as everywhere outside those kernels, there is nothing to add."""
+    return x
+
+
 @inlined
 def score_block(q, keys, first, n, scale, work, column, block):
     """Scores of n key rows (n a small constant: KEYS, or 1 at the end of a run) for the G query heads, in one
@@ -196,7 +209,7 @@ def score_block(q, keys, first, n, scale, work, column, block):
                 block[k, g] += q[g, d] * key
     for k in range(n):
         for g in range(G):
-            work[g, column + k] = block[k, g] * scale
+            work[g, column + k] = lane_sum(block[k, g]) * scale
 
 
 @inlined
@@ -347,14 +360,105 @@ def attend_quantized_rows(q, keys, values, n_keys, fmt, scale, acc, work, block,
 
 
 @inlined
-def softmax_finish(acc, work, out):
-    """End the online softmax: ``out = acc / l`` (zeros when no key was visible)."""
+def normalise(acc, totals, out):
+    """``out[g] = acc[g] / l_g`` with ``l_g = totals[g]`` (zeros when no key was visible: l = 0)."""
     G, D = acc.shape
     for g in range(G):
-        total = work[g, L_COLUMN]
+        total = totals[g]
         inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
         for d in range(D):
             out[g, d] = acc[g, d] * inv
+
+
+@inlined
+def softmax_finish(acc, work, out):
+    """End the online softmax: ``out = acc / l`` (zeros when no key was visible)."""
+    normalise(acc, work[:, L_COLUMN], out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split-K (flash-decoding): partial softmax states over disjoint key sets, and their merge
+# ---------------------------------------------------------------------------------------------------------------
+@register_jitable
+def key_share(n_keys, part, parts):
+    """Keys [lo, hi) of part ``part`` of ``parts`` (0 <= part < parts) of n keys: whole tiles, as equal as can be.
+
+        tiles = ceil(n / TILE);     lo = min(n, floor(tiles * part / parts) * TILE)
+                                    hi = min(n, floor(tiles * (part + 1) / parts) * TILE)
+
+    Every share starts on a tile boundary, so each part cuts its keys into the very tiles one unsplit pass would;
+    shares differ by at most one tile (the last one may hold a partial tile); with fewer tiles than parts some
+    shares are empty (lo = hi)."""
+    tiles = (n_keys + TILE - 1) // TILE
+    lo = min(n_keys, tiles * part // parts * TILE)
+    return lo, min(n_keys, tiles * (part + 1) // parts * TILE)
+
+
+@inlined
+def save_state(acc, work, part_acc, part_m_l):
+    """Store a running softmax as a partial state: ``part_acc = acc`` (G, D), ``part_m_l[g] = (m_g, l_g)`` (G, 2).
+    A part that saw no key keeps m = -inf, l = 0, acc = 0."""
+    G, D = acc.shape
+    for g in range(G):
+        part_m_l[g, 0] = work[g, M_COLUMN]
+        part_m_l[g, 1] = work[g, L_COLUMN]
+        for d in range(D):
+            part_acc[g, d] = acc[g, d]
+
+
+@register_jitable
+def merge_weight(m_part, m):
+    """exp(m_part - m), the factor that rescales a part's sums from its own max to the merged max m. An empty part
+    (m_part = -inf) weighs 0: computed as exp(-inf - m) it would be NaN when every part is empty (m = -inf)."""
+    if m_part == -np.inf:
+        return 0.0
+    return math.exp(m_part - m)
+
+
+@inlined
+def merge_state(acc, m_l, part_acc, part_m_l):
+    """Merge partial state 2 (``part_acc``, ``part_m_l``) into partial state 1 (``acc``, ``m_l``), in place. The two
+    parts saw disjoint sets of keys; the result is the state of their union (Milakov & Gimelshein 2018):
+
+        m   = max(m1, m2)
+        l   = l1 exp(m1 - m)   + l2 exp(m2 - m)
+        acc = acc1 exp(m1 - m) + acc2 exp(m2 - m)
+
+    An empty part (m = -inf) has weight 0 (:func:`merge_weight`), so merging it changes nothing, and two empty parts
+    give an empty part, never NaN. The merge is associative: any split of the keys, merged in any grouping, gives
+    the unsplit sums up to rounding (exactly, in exact arithmetic). Works in any float dtype."""
+    G, D = acc.shape
+    for g in range(G):
+        m1 = m_l[g, 0]
+        m2 = part_m_l[g, 0]
+        m = max(m1, m2)
+        c1 = merge_weight(m1, m)
+        c2 = merge_weight(m2, m)
+        m_l[g, 0] = m
+        m_l[g, 1] = m_l[g, 1] * c1 + part_m_l[g, 1] * c2
+        for d in range(D):
+            acc[g, d] = acc[g, d] * c1 + part_acc[g, d] * c2
+
+
+@register_jitable
+def merge_parts(part_acc, part_m_l, out, group, head_dim):
+    """The attention output of one work item from its P partial states: start from the empty state (m = -inf,
+    l = 0, acc = 0), merge parts 0 .. P-1 into it in order (:func:`merge_state`), then ``out = acc / l``.
+
+    part_acc: (P, G, D), part_m_l: (P, G, 2) (both only read), out: (G, D); group, head_dim: G and D (compile-time
+    constants when compiled). The running state is private to the call, so threads that each merge their own columns
+    d of the same item never write what another reads. With P = 1 the merge is exact (the empty state weighs 0 and
+    part 0 weighs exp(0) = 1), so the output is bit for bit :func:`softmax_finish`'s."""
+    acc = local_array((group, head_dim))  # the merged, unnormalised output
+    m_l = local_array((group, 2))  # the merged (m, l)
+    for g in range(group):
+        m_l[g, 0] = -np.inf
+        m_l[g, 1] = 0.0
+        for d in range(head_dim):
+            acc[g, d] = 0.0
+    for part in range(part_acc.shape[0]):
+        merge_state(acc, m_l, part_acc[part], part_m_l[part])
+    normalise(acc, m_l[:, 1], out)
 
 
 @register_jitable
@@ -374,6 +478,20 @@ def attend_group(q, keys, values, n_keys, scale, out, group, head_dim):
     softmax_start(acc, work)
     attend_rows(q, keys, values, n_keys, scale, acc, work, block)
     softmax_finish(acc, work, out)
+
+
+@register_jitable
+def merge_tokens(part_acc, part_m_l, out, group, head_dim):
+    """The output of every work item (i, t, h) of a split-K step from its partial states (:func:`merge_parts`).
+
+    part_acc: (n_seq, T, kv_heads, P, G, D) and part_m_l: (n_seq, T, kv_heads, P, G, 2), part p of item (i, t, h)
+    at [i, t, h, p]; out: (n_seq, T, q_heads, D), query heads h*G .. h*G+G-1 for KV head h."""
+    n_seq, n_tokens, kv_heads = part_acc.shape[:3]
+    for i in range(n_seq):
+        for t in range(n_tokens):
+            for h in range(kv_heads):
+                merge_parts(part_acc[i, t, h], part_m_l[i, t, h], out[i, t, h * group:(h + 1) * group], group,
+                            head_dim)
 
 
 @register_jitable

@@ -30,12 +30,13 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import attend_group
+from .attention import (SCORE_KEYS, WORK_COLUMNS, attend_rows, key_share, local_array, merge_parts, save_state,
+                        softmax_start)
 from .cache import CacheBase, Step, freeze
 from .errors import CacheOverflowError
 from .shapes import check_index, check_positive_int
 
-__all__ = ["FlatCache", "FlatStep", "attend_one", "attend_tokens", "flat_slot", "work_item", "write_one", "write_tokens"]
+__all__ = ["FlatCache", "FlatStep", "attend_one", "attend_part", "attend_tokens", "flat_slot", "work_item", "write_one", "write_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,20 +77,36 @@ def write_tokens(kv, layer, seq_ids, slots, k_new, v_new):
 
 
 @register_jitable
-def attend_one(kv, layer, seq_ids, positions, q, scale, out, i, t, h, group, head_dim):
-    """Attention of the G query heads of KV head h, for new token t of step-sequence i.
+def attend_part(kv, layer, seq_ids, positions, q_heads, scale, part_acc, part_m_l, i, t, h, part, parts, group,
+                head_dim):
+    """The online softmax of the G query heads ``q_heads`` (G, D) of KV head h, for new token t of step-sequence i,
+    over share ``part`` of ``parts`` of its visible keys (``attention.key_share``), saved as a partial state:
+    ``part_acc`` (G, D) and ``part_m_l`` (G, 2) (``attention.save_state``; ``attention.merge_parts`` combines them).
 
     A query at position p sees slots 0..p of its sequence: n_visible = p + 1 (the flat cache keeps every token).
     Query heads h*G .. h*G+G-1 share KV head h (GQA; G = ``group`` = q_heads // kv_heads, D = ``head_dim``).
     """
+    acc = local_array((group, head_dim))  # the unnormalised output
+    work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
+    block = local_array((SCORE_KEYS, group))  # the sums of one score pass
     seq = seq_ids[i]
+    lo, hi = key_share(positions[i, t] + 1, part, parts)
+    keys = kv[layer, 0, seq, h, lo:hi]  # (hi - lo, D) this part's K rows of head h, slot = position
+    values = kv[layer, 1, seq, h, lo:hi]
+    softmax_start(acc, work)
+    attend_rows(q_heads, keys, values, hi - lo, scale, acc, work, block)
+    save_state(acc, work, part_acc, part_m_l)
+
+
+@register_jitable
+def attend_one(kv, layer, seq_ids, positions, q, scale, out, i, t, h, group, head_dim):
+    """Attention of the G query heads of KV head h, for new token t of step-sequence i: all its keys as one part."""
+    part_acc = local_array((1, group, head_dim))
+    part_m_l = local_array((1, group, 2))
     first = h * group
-    n_visible = positions[i, t] + 1
-    q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
-    keys = kv[layer, 0, seq, h]  # (max_tokens, D) this sequence's K rows of head h, slot = position
-    values = kv[layer, 1, seq, h]  # (max_tokens, D)
-    out_heads = out[i, t, first:first + group]  # (G, D)
-    attend_group(q_heads, keys, values, n_visible, scale, out_heads, group, head_dim)
+    attend_part(kv, layer, seq_ids, positions, q[i, t, first:first + group], scale, part_acc[0], part_m_l[0], i, t, h,
+                0, 1, group, head_dim)
+    merge_parts(part_acc, part_m_l, out[i, t, first:first + group], group, head_dim)
 
 
 @register_jitable

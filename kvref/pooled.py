@@ -78,8 +78,8 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import (SCORE_KEYS, TILE, WORK_COLUMNS, accumulate_rows, local_array, score_rows, softmax_finish,
-                        softmax_start, softmax_weights)
+from .attention import (SCORE_KEYS, TILE, WORK_COLUMNS, accumulate_rows, key_share, local_array, merge_parts,
+                        save_state, score_rows, softmax_start, softmax_weights)
 from .backends import HOST
 from .cache import CacheBase, Step, allocate, field_objects, freeze, same_objects
 from .errors import CacheOverflowError, PoolExhaustedError, ShapeError
@@ -87,7 +87,7 @@ from .page_table import validate_page_table
 from .pool import LIVE, BlockPool, Books, SequenceRows
 from .shapes import buffer_dims, check_index, check_positive_int
 
-__all__ = ["BlockPool", "Books", "PooledCache", "PooledStep", "attend_one", "attend_tokens", "block_of", "copy_blocks",
+__all__ = ["BlockPool", "Books", "PooledCache", "PooledStep", "attend_one", "attend_part", "attend_tokens", "block_of", "copy_blocks",
            "copy_one", "plan_blocks", "pooled_slot", "run_of", "validate_page_table", "write_one", "write_tokens"]
 
 #: evict= values: None (exhaustion and overflow raise) or "oldest" (drop a sequence's oldest tokens, see above)
@@ -170,13 +170,15 @@ def run_of(table_row, start, position, end, block_size):
 
 
 @register_jitable
-def attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, first_head, end_head, group, head_dim,
-               kv_heads):
+def attend_part(kv, layer, tables, starts, positions, q, scale, part_acc, part_m_l, i, t, first_head, end_head, part,
+                parts, group, head_dim, kv_heads):
     """Paged attention of new token t of step-sequence i, for KV heads ``first_head .. end_head - 1`` and their G
-    query heads each (GQA: query heads h*G .. h*G+G-1 share KV head h).
+    query heads each (GQA: query heads h*G .. h*G+G-1 share KV head h), over share ``part`` of ``parts`` of its keys
+    (``attention.key_share``), saved as one partial state per head: KV head h's in ``part_acc[h - first_head]``
+    (G, D) and ``part_m_l[h - first_head]`` (G, 2) (``attention.merge_parts`` combines the parts).
 
-    The query at position p sees positions ``starts[i] .. p``, taken a tile (``TILE`` positions) at a time, as in
-    the flat cache; a tile may span several blocks, each holding a run of consecutive rows (:func:`run_of`). For
+    The query at position p sees positions ``starts[i] .. p``; the part takes its share of them, a tile (``TILE``
+    positions) at a time, as in the flat cache; a tile may span several blocks, each holding a run of consecutive rows (:func:`run_of`). For
     each head, the scores of the tile's keys are written run by run into the tile's columns of its scratch
     (``score_rows``), the online softmax takes the tile (``softmax_weights``), and then the values are added run by
     run (``accumulate_rows``): the flat cache's ``attend_rows``, with the rows fetched through the block table.
@@ -195,8 +197,9 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, first_
     block_size = kv.shape[4]
     for h in range(first_head, end_head):
         softmax_start(acc[h - first_head], work[h - first_head])
-    position = starts[i]
-    end = positions[i, t] + 1
+    share_lo, share_hi = key_share(positions[i, t] + 1 - starts[i], part, parts)
+    position = starts[i] + share_lo
+    end = starts[i] + share_hi
     while position < end:
         tile_end = min(end, position + TILE)
         for h in range(first_head, end_head):  # the tile's keys, head after head: a sweep over K
@@ -217,7 +220,22 @@ def attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, first_
                 p += n
         position = tile_end
     for h in range(first_head, end_head):
-        softmax_finish(acc[h - first_head], work[h - first_head], out[i, t, h * group:(h + 1) * group])
+        save_state(acc[h - first_head], work[h - first_head], part_acc[h - first_head], part_m_l[h - first_head])
+
+
+@register_jitable
+def attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, first_head, end_head, group, head_dim,
+               kv_heads):
+    """Paged attention of new token t of step-sequence i for KV heads ``first_head .. end_head - 1``: all its keys
+    as one part (:func:`attend_part`)."""
+    part_acc = local_array((kv_heads, group, head_dim))  # head h's state in row h - first_head
+    part_m_l = local_array((kv_heads, group, 2))
+    attend_part(kv, layer, tables, starts, positions, q, scale, part_acc, part_m_l, i, t, first_head, end_head, 0, 1,
+                group, head_dim, kv_heads)
+    for h in range(first_head, end_head):
+        row = h - first_head
+        merge_parts(part_acc[row:row + 1], part_m_l[row:row + 1], out[i, t, h * group:(h + 1) * group], group,
+                    head_dim)
 
 
 @register_jitable

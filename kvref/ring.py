@@ -82,12 +82,13 @@ import dataclasses
 import numpy as np
 from numba.extending import register_jitable
 
-from .attention import SCORE_KEYS, WORK_COLUMNS, attend_slots, local_array, softmax_finish, softmax_start
+from .attention import (SCORE_KEYS, WORK_COLUMNS, attend_slots, key_share, local_array, merge_parts, save_state,
+                        softmax_start)
 from .cache import CacheBase, Step, allocate, check_integer, freeze
 from .errors import IndexOutOfRangeError, StaleStepError
 from .shapes import check_index, check_positive_int
 
-__all__ = ["RingCache", "RingStep", "attend_one", "attend_tokens", "kept_after_step", "must_defer", "ring_slot", "write_one",
+__all__ = ["RingCache", "RingStep", "attend_one", "attend_part", "attend_tokens", "kept_after_step", "must_defer", "ring_slot", "write_one",
            "write_tokens"]
 
 
@@ -152,34 +153,53 @@ def write_tokens(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_
 
 
 @register_jitable
-def attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out,
-               i, t, h, group, head_dim):
-    """Attention of the G query heads of KV head h for new token t (position p) of step-sequence i.
+def attend_part(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q_heads, scale,
+                part_acc, part_m_l, i, t, h, part, parts, group, head_dim):
+    """The online softmax of the G query heads ``q_heads`` (G, D) of KV head h for new token t (position p) of
+    step-sequence i, over share ``part`` of ``parts`` of its candidate rows, saved as a partial state (``part_acc``
+    (G, D), ``part_m_l`` (G, 2); ``attention.merge_parts`` combines the parts).
 
-    The keys are those of the ring slots whose stored position is visible from p (for a deferred step: and below the
-    step's first position), then those of the step's held-aside chunk (``pending_k/v[i, :, h]``, at
-    ``positions[i, :]``; empty unless the step is deferred) that are visible from p. Both go through one online
+    The candidate rows are the W ring slots, then the step's held-aside chunk (``pending_k/v[i, :, h]``, at
+    ``positions[i, :]``; empty unless the step is deferred): rows 0 .. W + C - 1, shared out by
+    ``attention.key_share``. A slot takes part iff its stored position is visible from p (for a deferred step: and
+    below the step's first position); a chunk row iff its position is visible from p. Both go through one online
     softmax; the order of the keys does not matter.
     """
     acc = local_array((group, head_dim))  # the unnormalised output of the G heads
     work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
     block = local_array((SCORE_KEYS, group))  # the sums of one score pass
     seq = seq_ids[i]
-    first = h * group
     p = positions[i, t]
-    q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
+    n_slots = kv.shape[4]
+    lo, hi = key_share(n_slots + pending_k.shape[1], part, parts)
     # A deferred step reads the ring only below its first position: a slot holding a position >= the length can
     # only be left over from a step that was written but never advanced, and the chunk brings its own keys.
     ring_end = positions[i, 0] if pending_k.shape[1] > 0 else p + 1
     softmax_start(acc, work)
-    keys = kv[layer, 0, seq, h]  # (W, D) the ring's K rows of head h, in slot order
-    values = kv[layer, 1, seq, h]  # (W, D)
-    held = slot_positions[layer, seq]  # (W,) the position each slot holds, -1 if empty
+    ring_hi = min(hi, n_slots)  # this part's slots: lo .. ring_hi - 1
+    keys = kv[layer, 0, seq, h, lo:ring_hi]  # the ring's K rows of head h, in slot order
+    values = kv[layer, 1, seq, h, lo:ring_hi]
+    held = slot_positions[layer, seq, lo:ring_hi]  # the position each slot holds, -1 if empty
     attend_slots(q_heads, keys, values, held, ring_end, p, window, sinks, scale, acc, work, block)
-    chunk_k = pending_k[i, :, h]  # (T or 0, D) the step's held-aside keys of head h (deferred steps)
-    chunk_v = pending_v[i, :, h]  # (T or 0, D)
-    attend_slots(q_heads, chunk_k, chunk_v, positions[i], p + 1, p, window, sinks, scale, acc, work, block)
-    softmax_finish(acc, work, out[i, t, first:first + group])
+    chunk_lo = max(lo, n_slots) - n_slots  # this part's rows of the held-aside chunk (deferred steps)
+    chunk_hi = max(hi, n_slots) - n_slots
+    chunk_k = pending_k[i, chunk_lo:chunk_hi, h]  # (rows, D) the step's held-aside keys of head h
+    chunk_v = pending_v[i, chunk_lo:chunk_hi, h]
+    attend_slots(q_heads, chunk_k, chunk_v, positions[i, chunk_lo:chunk_hi], p + 1, p, window, sinks, scale, acc,
+                 work, block)
+    save_state(acc, work, part_acc, part_m_l)
+
+
+@register_jitable
+def attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out,
+               i, t, h, group, head_dim):
+    """Attention of the G query heads of KV head h for new token t of step-sequence i: all its rows as one part."""
+    part_acc = local_array((1, group, head_dim))
+    part_m_l = local_array((1, group, 2))
+    first = h * group
+    attend_part(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks,
+                q[i, t, first:first + group], scale, part_acc[0], part_m_l[0], i, t, h, 0, 1, group, head_dim)
+    merge_parts(part_acc, part_m_l, out[i, t, first:first + group], group, head_dim)
 
 
 @register_jitable

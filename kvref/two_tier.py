@@ -56,13 +56,13 @@ from numba.extending import register_jitable
 
 from . import quant
 from .attention import (MAX_ROWS, SCORE_KEYS, WORK_COLUMNS, attend_gathered_tokens, attend_quantized_rows, attend_rows,
-                        first_visible, local_array, ring_run, softmax_finish, softmax_start)
+                        first_visible, key_share, local_array, merge_parts, ring_run, save_state, softmax_start)
 from .cache import CacheBase, Step, allocate, freeze
 from .errors import DTypeError, IndexOutOfRangeError, ShapeError
 from .quant import BLOCK
 from .shapes import CacheShape, check_index, check_positive_int
 
-__all__ = ["TwoTierCache", "TwoTierStep", "attend_one", "attend_tokens", "commit_tokens", "migrate_to",
+__all__ = ["TwoTierCache", "TwoTierStep", "attend_one", "attend_part", "attend_tokens", "commit_tokens", "migrate_to",
            "old_tokens_leaving", "store_capacity"]
 
 
@@ -153,43 +153,63 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
 # Spec: attention over both tiers and the step's own tokens
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable
-def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
-               i, t, h, group, head_dim):
-    """Attention of the G query heads of KV head h for new token t (position p) of step-sequence i over the keys
-    ``p - M < j <= p``: store positions [lo, m), tail positions [m, L), step positions [L, p] (see the docstring)."""
+def attend_part(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q_heads, scale,
+                part_acc, part_m_l, i, t, h, part, parts, group, head_dim):
+    """The online softmax of the G query heads ``q_heads`` (G, D) of KV head h for new token t (position p) of
+    step-sequence i, over share ``part`` of ``parts`` (``attention.key_share``) of its keys ``p - M < j <= p``,
+    saved as a partial state (``part_acc`` (G, D), ``part_m_l`` (G, 2); ``attention.merge_parts`` combines them).
+
+    The part's positions [a, b) fall into up to three segments: store positions [a, m), tail positions
+    [max(a, m), L), step positions [max(a, L), b) (m: migrated before the step, L: the length; see the docstring)."""
     acc = local_array((group, head_dim))  # the unnormalised output of the G heads
     work = local_array((group, WORK_COLUMNS))  # a tile's scores, then m and l
     block = local_array((SCORE_KEYS, group))  # the sums of one score pass
     decoded = local_array((MAX_ROWS, head_dim))  # a few stored rows, decoded
     codes = local_array((1, BLOCK))  # one block's codes
     seq = seq_ids[i]
-    first = h * group
-    q_heads = q[i, t, first:first + group]  # (G, D) the query heads of KV head h
     p = positions[i, t]
     length = positions[i, 0]
     migrated = tiers[i, 0]
     lo = first_visible(p, window)
+    share_lo, share_hi = key_share(p + 1 - lo, part, parts)
+    a = lo + share_lo  # this part's positions: a .. b - 1
+    b = lo + share_hi
     softmax_start(acc, work)
-    if lo < migrated:  # the quantized store, dequantized a few rows at a time
+    store_hi = min(migrated, b)
+    if a < store_hi:  # the quantized store, dequantized a few rows at a time
         keys = store[layer, 0, seq, h]  # (S, row_bytes) uint8: each row is head_dim / 32 ggml blocks
         values = store[layer, 1, seq, h]  # (S, row_bytes)
-        start, n_first, n_second = ring_run(lo, migrated, store.shape[4])
+        start, n_first, n_second = ring_run(a, store_hi, store.shape[4])
         for run in range(2):  # slots start .. start+n_first-1, then 0 .. n_second-1
             slot, count = (start, n_first) if run == 0 else (0, n_second)
             attend_quantized_rows(q_heads, keys[slot:slot + count], values[slot:slot + count], count, fmt, scale,
                                   acc, work, block, decoded, codes)
-    tail_lo = max(lo, migrated)
-    if tail_lo < length:  # the tail, as stored
+    tail_lo = max(a, migrated)
+    tail_hi = min(length, b)
+    if tail_lo < tail_hi:  # the tail, as stored
         keys = tail[layer, 0, seq, h]  # (R, D) the tail ring's rows, slot p % R
         values = tail[layer, 1, seq, h]  # (R, D)
-        start, n_first, n_second = ring_run(tail_lo, length, tail.shape[4])
+        start, n_first, n_second = ring_run(tail_lo, tail_hi, tail.shape[4])
         for run in range(2):
             slot, count = (start, n_first) if run == 0 else (0, n_second)
             attend_rows(q_heads, keys[slot:slot + count], values[slot:slot + count], count, scale, acc, work, block)
-    step_lo = max(lo, length)  # the step's own tokens up to p, as given to write()
-    attend_rows(q_heads, pending_k[i, step_lo - length:, h], pending_v[i, step_lo - length:, h], p + 1 - step_lo,
-                scale, acc, work, block)
-    softmax_finish(acc, work, out[i, t, first:first + group])
+    step_lo = max(a, length)  # the step's own tokens up to p, as given to write()
+    step_hi = max(b, step_lo)
+    attend_rows(q_heads, pending_k[i, step_lo - length:step_hi - length, h],
+                pending_v[i, step_lo - length:step_hi - length, h], step_hi - step_lo, scale, acc, work, block)
+    save_state(acc, work, part_acc, part_m_l)
+
+
+@register_jitable
+def attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
+               i, t, h, group, head_dim):
+    """Attention of the G query heads of KV head h for new token t of step-sequence i: all its keys as one part."""
+    part_acc = local_array((1, group, head_dim))
+    part_m_l = local_array((1, group, 2))
+    first = h * group
+    attend_part(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt,
+                q[i, t, first:first + group], scale, part_acc[0], part_m_l[0], i, t, h, 0, 1, group, head_dim)
+    merge_parts(part_acc, part_m_l, out[i, t, first:first + group], group, head_dim)
 
 
 @register_jitable
