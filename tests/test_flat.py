@@ -716,7 +716,7 @@ def test_cpu_parallel_schedule_matches_serial_and_oracle(rng, dtype):
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        attend_serial, attend_parallel = cpu_flat.ATTEND(4, 32)  # G = 8 // 2, D = 32
+        attend_serial, attend_parallel = cpu_flat.ATTEND(4, 32)[:2]  # G = 8 // 2, D = 32
         attend_serial(storage, 0, step.seq_ids, step.positions, q, scale, serial)
         attend_parallel(storage, 0, step.seq_ids, step.positions, q, scale, parallel)
     finally:

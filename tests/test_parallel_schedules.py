@@ -1,8 +1,8 @@
 """The CPU backend's prange schedules (each shape's ``parallel`` in kvref/cpu/<variant>.py) against the spec.
 
 A cpu cache picks its parallel schedule only for steps with enough work and more than one thread, which the small
-shapes of the other tests never reach. Here the threshold is lowered to 0 and the thread count reported as 2, so
-every attend of a cpu cache runs the parallel schedule (with however many threads this machine really has), and its
+shapes of the other tests never reach. Here ``kvref.cpu.choose_parts`` is made to answer 1 (the head split), so
+every attend of a cpu cache runs the parallel schedule (tests/test_split_k.py does the same for the key split) (with however many threads this machine really has), and its
 outputs are compared with the same cache on the python backend (the spec run as plain Python).
 """
 
@@ -34,13 +34,13 @@ def test_parallel_schedule_matches_the_spec(variant, monkeypatch):
     monkeypatch.setattr(kvref.cpu, "PARALLEL_MIN_ROWS", 0)
     monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
     calls = []
-    chosen = kvref.cpu.choose_schedule
 
-    def choose(rows, work_items, serial, parallel):  # count the calls that take the prange schedule
-        picked = chosen(rows, work_items, serial, parallel)
-        return (lambda *args: calls.append(1) or parallel(*args)) if picked is parallel else picked
+    def choose(rows, work_items, threads=None):  # the head split, every time, counted
+        calls.append(1)
+        return 1
 
-    monkeypatch.setattr(module, "choose_schedule", choose)
+    monkeypatch.setattr(kvref.cpu, "choose_parts", choose)
+    monkeypatch.setattr(module, "choose_parts", choose, raising=False)
     rng = np.random.default_rng(0)
     spec, cpu = MAKERS[variant]("python"), MAKERS[variant]("cpu")
     if variant == "pooled":
