@@ -73,8 +73,8 @@ def compile_all():
     try:
         import kvref.cuda
 
-        for info in pkgutil.iter_modules(kvref.cuda.__path__):
-            module_name = f"kvref.cuda.{info.name}"
+        names = ["kvref.cuda"] + [f"kvref.cuda.{info.name}" for info in pkgutil.iter_modules(kvref.cuda.__path__)]
+        for module_name in names:
             module = importlib.import_module(module_name)
             kernels = getattr(module, "KERNELS", None)
             if not kernels:
@@ -119,6 +119,7 @@ def test_every_cuda_kernel_compiles_to_sm90_ptx():
     assert "kvref.cuda.flat:flat.write" in names
     for variant in ("flat", "ring", "pooled", "two_tier"):  # every attend kernel, specialised for each PTX shape
         assert len({n for n in names if n.startswith(f"kvref.cuda.{variant}:{variant}.attend[")}) >= 4, names
+    assert len({n for n in names if n.startswith("kvref.cuda:merge[")}) >= 4, names  # split-K's merge kernel
     for k in result["kernels"]:
         assert k["entry_found"] and k["target"] == "sm_90", k
 

@@ -127,9 +127,10 @@ def test_device_arrays_in_and_out(rng):
 
 def test_strided_write_threads_and_partial_attend_blocks(rng, monkeypatch):
     """Launch shapes other than the default: write threads striding over head_dim (as for head_dim > 1024), and an
-    attend grid of several blocks whose last one is only partly used."""
+    attend grid of three key chunks per item (flash-decoding), one of them empty."""
     monkeypatch.setattr(cuda_flat, "MAX_BLOCK_THREADS", 8)  # 8 threads, 4 elements each
-    monkeypatch.setattr(kvref.cuda, "ATTEND_THREADS", 3)  # 2 * 3 * 2 = 12 items -> blocks of 3; 5 * 2 * 2 = 20 -> 7
+    # 3 key chunks per item: the keys (<= 40, 2 tiles) leave one chunk empty, merged without NaN
+    monkeypatch.setattr(kvref.cuda, "choose_chunks", lambda n_keys, items, sms=None: 3)
     spec, dev = _pair("float32", 4, 2)
     for n_tokens in (3, 5):
         step_s, step_d = spec.plan(n_tokens), dev.plan(n_tokens)

@@ -177,10 +177,10 @@ def test_fork_copy_on_write(rng, monkeypatch, dtype, strided):
     """Two forks share a partly filled block (ref count 3); the next decode copies it three times on the device (every
     sharer that appends copies a block shared before the step; the original returns to the pool), the full block
     stays shared. ``strided``: 8 threads per copy/write block, so each
-    thread strides over several elements, and attend grids of several partly used blocks."""
+    thread strides over several elements, and attend grids of three key chunks per item."""
     if strided:
         monkeypatch.setattr(cuda_pooled, "MAX_BLOCK_THREADS", 8)  # copy: 64 elements / 8; write: 16 / 8
-        monkeypatch.setattr(kvref.cuda, "ATTEND_THREADS", 3)
+        monkeypatch.setattr(kvref.cuda, "choose_chunks", lambda n_keys, items, sms=None: 3)  # 3 key chunks
     spec, dev = _pair(dtype, batch=1, max_seqs=3)
     model = _Model()
     _run(spec, dev, model, rng, [(6, [0])])  # blocks [0 full, 1 with 2 rows]

@@ -158,11 +158,11 @@ def test_device_arrays_in_and_out_for_a_deferred_step(rng):
 
 def test_strided_write_threads_and_partial_attend_blocks(rng, monkeypatch):
     """Launch shapes other than the default: write threads striding over head_dim (as for head_dim > 1024), and an
-    attend grid of several blocks whose last one is only partly used, through a deferred chunk and decode."""
+    attend grid of five key chunks per item (flash-decoding), through a deferred chunk and decode."""
     import kvref.cuda as kvcuda
 
     monkeypatch.setattr(cuda_ring, "MAX_BLOCK_THREADS", 3)  # 3 threads over 4 elements: thread 0 writes 0 and 3
-    monkeypatch.setattr(kvcuda, "ATTEND_THREADS", 5)  # 2 * 3 * 2 = 12 items -> blocks of 5, the last one 2/5 used
+    monkeypatch.setattr(kvcuda, "choose_chunks", lambda n_keys, items, sms=None: 5)  # 5 key chunks, some empty
     spec, dev = _pair("float32", 4)
     for n_tokens in (3, 3, 1, 6):
         step_s, step_d = spec.plan(n_tokens), dev.plan(n_tokens)

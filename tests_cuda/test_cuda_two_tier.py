@@ -38,6 +38,7 @@ def _pair(dtype="float32", fmt="q8_0", head_dim=32, q_heads=4, kv_heads=2):
 
 
 def _model(fmt):
+    pytest.importorskip("gguf", reason="the list model's ggml bytes come from the gguf package (pip install gguf)")
     return oracle.TwoTierModel(LAYERS, BATCH, TAIL, MAX_TOKENS, MIGRATION, fmt)
 
 
@@ -227,3 +228,14 @@ def test_bad_input_raises_same_errors_and_changes_nothing(rng, dtype):
                 np.testing.assert_array_equal(a, b, err_msg=f"{name}: pending")
         assert messages[0] == messages[1], name
     _assert_same_storage(dev, spec)
+
+
+def test_launch_dimensions_are_python_ints():
+    """A real GPU refuses a numpy integer as a launch dimension (``LaunchConfig.block must be an int``), which the
+    simulator accepts: the item counts of the migrate and append launches are computed with numpy (seen on an H200)."""
+    from kvref.cuda.two_tier import _one_thread_per_item
+
+    for n_items in (np.int64(1), np.int64(70), 64, 65):
+        blocks, threads = _one_thread_per_item(n_items)
+        assert type(blocks) is int and type(threads) is int
+        assert blocks * threads >= int(n_items) and (blocks - 1) * threads < int(n_items)

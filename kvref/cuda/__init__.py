@@ -36,17 +36,18 @@ if getattr(cuda, "implementation", None) != "NVIDIA":
 # ---------------------------------------------------------------------------------------------------------------
 # Device-array plumbing shared by every variant's launchers
 # ---------------------------------------------------------------------------------------------------------------
-import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from numba.core import config  # noqa: E402
 
-from ..attention import local_array  # noqa: E402
+from .. import attention  # noqa: E402
+from ..attention import local_array, merge_parts  # noqa: E402
+from ..flat import work_item  # noqa: E402
 from ..lowering import Specialisations, literal_shape, lower_local_array  # noqa: E402, F401
 
-#: threads per block for the attend kernels (one thread per work item)
-ATTEND_THREADS = 64
+#: threads per block for the kernels with one thread per work item (the two-tier migrate and append)
+ITEM_THREADS = 64
 #: the most threads a CUDA block may have; wider heads make each write thread stride over head_dim
 MAX_BLOCK_THREADS = 1024
 
@@ -64,17 +65,12 @@ def kernel_signatures(kernels):
             for name, args in kernels.items()}
 
 
-def attend_launch(n_items):
-    """Launch shape of an attend kernel with one thread per work item (i, t, kv_head): ``(blocks, threads)``. Each
-    thread's scratch (accumulators, scores, softmax state) is ``attention.local_array``: CUDA local memory."""
-    threads = max(1, min(ATTEND_THREADS, n_items))
-    return max(1, math.ceil(n_items / threads)), threads
-
-
-def ptx_kernels(name, body_for, signatures):
+def ptx_kernels(name, body_for, signatures, lanes=None):
     """``KERNELS`` entries of an attend kernel specialised per shape: ``{name[shape]: (body, signatures)}`` for each
-    shape of :data:`PTX_SHAPES` (what ``tests/test_ptx.py`` compiles)."""
-    return {f"{name}[G={shape[0]}, D={shape[1]}]": (body_for(*shape), signatures) for shape in PTX_SHAPES}
+    shape (G, D) of :data:`PTX_SHAPES`, built as ``body_for(G, D, L)`` with L = ``lanes(D)`` (default
+    :func:`lanes_for`): what ``tests/test_ptx.py`` compiles."""
+    lanes = lanes_for if lanes is None else lanes
+    return {f"{name}[G={g}, D={d}]": (body_for(g, d, lanes(d)), signatures) for g, d in PTX_SHAPES}
 
 
 #: (G, D) shapes whose attend kernels tests/test_ptx.py compiles for sm_90: shapes the CUDA tests run, and two
@@ -187,3 +183,170 @@ class CudaOps:
         if is_device_array(a):
             return a.view(storage_dtype)
         return np.ascontiguousarray(a).view(storage_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flash-decoding (split-K): the schedule every attend kernel runs
+# ---------------------------------------------------------------------------------------------------------------
+#: a key chunk (one block's share of an item's keys) is never cut below this many keys: a block's fixed cost (loading
+#: q, saving its state, its share of the merge: about G x D x 3 floats) stays small beside the keys it reads
+MIN_CHUNK_KEYS = 256
+#: blocks aimed for per SM: 16 blocks of one warp each keep 512 threads resident per SM to hide load latency
+BLOCKS_PER_SM = 16
+#: the most lanes (threads) that share one dot product: one warp, so the lane sum is a butterfly of warp shuffles
+MAX_LANES = 32
+
+
+def lanes_for(head_dim):
+    """L, the threads that share an item's dot products: the largest power of two <= 32 dividing head_dim (32 for
+    every real model's head_dim). Lane j holds columns j, j + L, j + 2L, ... of q, K, V and the output."""
+    lanes = 1
+    while lanes < MAX_LANES and head_dim % (2 * lanes) == 0:
+        lanes *= 2
+    return lanes
+
+
+def sm_count():
+    """The device's streaming multiprocessors (1 in the simulator, which has no such attribute)."""
+    return int(getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1))
+
+
+def choose_chunks(n_keys, items, sms=None):
+    """P, the key chunks per work item (the grid's second dimension), from the keys and the SM count, as FlashInfer's
+    split-K does: enough blocks to fill every SM (``BLOCKS_PER_SM`` each), but no chunk under ``MIN_CHUNK_KEYS``
+    keys, and never more chunks than tiles.
+
+        P = max(1, min(ceil(sms * BLOCKS_PER_SM / items), n_keys // MIN_CHUNK_KEYS))
+
+    Batch 1, 8 KV heads, n = 32k on a 132-SM H100: P = min(264, 128) = 128 chunks of 256 keys, 1024 blocks."""
+    sms = sm_count() if sms is None else sms
+    wanted = -(-sms * BLOCKS_PER_SM // max(1, items))
+    return max(1, min(wanted, n_keys // MIN_CHUNK_KEYS))
+
+
+@cuda.jit(device=True)
+def load_query_rows(q, i, t, first, rows):
+    """Copy the G query rows ``q[i, t, first:first + G]`` into the block's shared array ``rows`` (G, D), the block's
+    threads taking every blockDim-th element, then wait for all of them (every thread of the block must call it)."""
+    group, head_dim = rows.shape
+    for k in range(cuda.threadIdx.x, group * head_dim, cuda.blockDim.x):
+        rows[k // head_dim, k % head_dim] = q[i, t, first + k // head_dim, k % head_dim]
+    cuda.syncthreads()
+
+
+def _merge_kernel_body(group, head_dim, lanes):
+    """The merge kernel: block (i, t, h) of the grid, lane j merges columns j::lanes of the item's P partial states
+    (``attention.merge_parts``; each lane keeps its own running state, the parts are only read)."""
+    lane_dim = head_dim // lanes
+
+    def merge(part_acc, part_m_l, out):
+        n_tokens, kv_heads = part_acc.shape[1], part_acc.shape[2]
+        i, t, h = work_item(cuda.blockIdx.x, n_tokens, kv_heads)
+        lane = cuda.threadIdx.x
+        merge_parts(part_acc[i, t, h, :, :, lane::lanes], part_m_l[i, t, h],
+                    out[i, t, h * group:(h + 1) * group, lane::lanes], group, lane_dim)
+
+    return merge
+
+
+_merge_kernels = Specialisations(lambda group, head_dim, lanes: cuda.jit(_merge_kernel_body(group, head_dim, lanes)))
+
+
+def _merge_signatures():
+    """The merge kernel's signature: part_acc (6-D), part_m_l (6-D), out (4-D), all C-contiguous float32."""
+    from numba.core import types
+
+    return [types.void(*(types.Array(types.float32, ndim, "C") for ndim in (6, 6, 4)))]
+
+
+#: this module's kernels (``tests/test_ptx.py``): the merge, for each shape of PTX_SHAPES
+KERNELS = ptx_kernels("merge", _merge_kernel_body, _merge_signatures())
+
+
+#: the partial states of recent launches, by shape: a decode loop reuses them rather than allocating two device arrays
+#: per step. Reuse is safe because kvref launches on one stream, where each kernel starts after the one before ends.
+_partial_states = {}
+#: shapes kept at most (a new one past this clears the rest)
+PARTIAL_STATES_KEPT = 8
+
+
+def partial_states(dims, head_dim):
+    """(part_acc, part_m_l) of shapes ``dims + (head_dim,)`` and ``dims + (2,)``, float32 device arrays, reused
+    from an earlier launch of the same shape (their contents are written by the attend kernel before being read)."""
+    key = dims + (head_dim,)
+    if key not in _partial_states:
+        if len(_partial_states) >= PARTIAL_STATES_KEPT:
+            _partial_states.clear()
+        _partial_states[key] = (cuda.device_array(key, np.float32), cuda.device_array(dims + (2,), np.float32))
+    return _partial_states[key]
+
+
+def flash_decode(kernels, n_keys, state_dims, args, out, lanes, parts=None):
+    """Run one step's attention as flash-decoding: the attend kernel on a grid (item, chunk) with ``lanes`` threads
+    per block, each block the online softmax of one chunk of one item's keys (the variant's spec ``attend_part``),
+    then the merge kernel, one block per item (the spec's ``merge_parts``).
+
+    kernels: the variant's attend kernel for this shape; n_keys: the most keys an item can see (sizes the chunks);
+    state_dims: (n_seq, T, kv_heads, G, D); args: the attend kernel's arguments before the partial states; out: the
+    result, host or device; parts: the chunk count when the caller chose it (else :func:`choose_chunks`)."""
+    n_seq, n_tokens, kv_heads, group, head_dim = state_dims
+    items = n_seq * n_tokens * kv_heads
+    parts = choose_chunks(n_keys, items) if parts is None else int(parts)
+    part_acc, part_m_l = partial_states((n_seq, n_tokens, kv_heads, parts, group), head_dim)
+    kernels[(items, parts), lanes](*args, part_acc, part_m_l)
+    d_out = result_array(out)
+    _merge_kernels(group, head_dim, lanes)[items, lanes](part_acc, part_m_l, d_out)
+    copy_result(d_out, out)
+    return out
+
+
+def _simulated_lane_sum(x):
+    """``attention.lane_sum`` in the CUDA simulator, which has no warp shuffles: the butterfly of the GPU form, each
+    step through the block's barrier (the lanes of a flash-decoding block are the whole block). Outside a simulated
+    kernel (the python backend in the same process) it is the spec's identity."""
+    import threading
+
+    from numba.cuda.simulator.kernel import BlockThread
+
+    thread = threading.current_thread()
+    if not isinstance(thread, BlockThread):
+        return x
+    lanes, lane = thread._manager._block_dim[0], thread.threadIdx.x
+    exchange = thread._manager.__dict__.setdefault("kvref_lane_sum", {})
+    offset = lanes // 2
+    while offset > 0:
+        exchange[lane] = x
+        thread.syncthreads()
+        partner = exchange[lane ^ offset]
+        thread.syncthreads()
+        x = x + partner
+        offset //= 2
+    return x
+
+
+def _register_lane_sum():
+    """The compiled forms of ``attention.lane_sum``: warp shuffles on a GPU; in the simulator, the spec's global is
+    replaced by :func:`_simulated_lane_sum` (whose compiled form, for CPU code compiled in the same process, is the
+    identity)."""
+    from numba.extending import overload
+
+    if config.ENABLE_CUDASIM:
+        attention.lane_sum = _simulated_lane_sum
+        overload(_simulated_lane_sum)(lambda x: (lambda x: x))
+        return
+
+    @overload(attention.lane_sum, target="cuda")
+    def _lane_sum_cuda(x):
+        def lane_sum(x):
+            lanes = cuda.blockDim.x  # the lanes are the block: one warp or part of one, lanes a power of two
+            mask = np.uint32((np.int64(1) << lanes) - 1)
+            offset = lanes // 2
+            while offset > 0:
+                x += cuda.shfl_xor_sync(mask, x, offset)
+                offset //= 2
+            return x
+
+        return lane_sum
+
+
+_register_lane_sum()

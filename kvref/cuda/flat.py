@@ -31,12 +31,12 @@ shape of ``PTX_SHAPES``), so ``tests/test_ptx.py`` can compile each one to PTX f
 """
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float32
 
 from .. import flat
 from ..flat import work_item
-from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
-               ptx_kernels, result_array)
+from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, flash_decode, kernel_signatures, lanes_for,
+               load_query_rows, on_device, ptx_kernels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,23 +49,26 @@ def _write_kernel_body(kv, layer, seq_ids, slots, k_new, v_new):
         flat.write_one(kv, layer, seq_ids, slots, k_new, v_new, i, t, h, d)
 
 
-def _attend_kernel_body(group, head_dim):
-    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation")."""
+def _attend_kernel_body(group, head_dim, lanes=1):
+    """The flash-decoding attend kernel for G = group, D = head_dim and L = lanes (constants: kvref/attention.py,
+    "Specialisation"; kvref/cuda/__init__.py, "Flash-decoding")."""
+    lane_dim = head_dim // lanes
 
-    def attend(kv, layer, seq_ids, positions, q, scale, out):
-        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-        n_seq, n_tokens = positions.shape
-        kv_heads = kv.shape[3]
-        item = cuda.grid(1)
-        if item < n_seq * n_tokens * kv_heads:
-            i, t, h = work_item(item, n_tokens, kv_heads)
-            flat.attend_one(kv, layer, seq_ids, positions, q, scale, out, i, t, h, group, head_dim)
+    def attend(kv, layer, seq_ids, positions, q, scale, part_acc, part_m_l):
+        """Block (item, part): chunk ``part`` of the keys of item (i, t, h); lane j takes columns j::lanes."""
+        i, t, h = work_item(cuda.blockIdx.x, positions.shape[1], kv.shape[3])
+        part, parts, lane = cuda.blockIdx.y, cuda.gridDim.y, cuda.threadIdx.x
+        q_rows = cuda.shared.array((group, head_dim), float32)
+        load_query_rows(q, i, t, h * group, q_rows)
+        flat.attend_part(kv[:, :, :, :, :, lane::lanes], layer, seq_ids, positions, q_rows[:, lane::lanes], scale,
+                         part_acc[i, t, h, part, :, lane::lanes], part_m_l[i, t, h, part], i, t, h, part, parts,
+                         group, lane_dim)
 
     return attend
 
 
 _write_kernel = cuda.jit(_write_kernel_body)
-_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
+_attend_kernels = Specialisations(lambda group, head_dim, lanes: cuda.jit(_attend_kernel_body(group, head_dim, lanes)))
 
 
 def _signatures():
@@ -74,7 +77,7 @@ def _signatures():
 
     return kernel_signatures({
         "write": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(s, 4), C(s, 4)),
-        "attend": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4)),
+        "attend": lambda s, C: (C(s, 6), i64, C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 6), C(f32, 6)),
     })
 
 
@@ -99,17 +102,17 @@ def write_tokens(kv, layer, seq_ids, slots, k_new, v_new):
         kv, int(layer), on_device(seq_ids), on_device(slots), on_device(k_new), on_device(v_new))
 
 
-def attend_tokens(kv, layer, seq_ids, positions, q, scale, out, group, head_dim):
-    """Attention of one layer for every new token (spec: ``kvref.flat.attend_tokens``), into ``out`` in place.
+def attend_tokens(kv, layer, seq_ids, positions, q, scale, out, group, head_dim, parts=None):
+    """Attention of one layer for every new token (spec: ``kvref.flat.attend_tokens``), into ``out`` in place, as
+    flash-decoding (:func:`kvref.cuda.flash_decode`; ``parts``: the chunk count, else chosen from n and the SMs).
 
     q, out: (n_seq, T, q_heads, head_dim) float32, host or device arrays; a host ``out`` receives a copy of the result.
     """
-    blocks, threads = attend_launch(positions.size * kv.shape[3])
-    d_out = result_array(out)
-    _attend_kernels(group, head_dim)[blocks, threads](kv, int(layer), on_device(seq_ids), on_device(positions),
-                                                      on_device(q), np.float32(scale), d_out)
-    copy_result(d_out, out)
-    return out
+    lanes = lanes_for(head_dim)
+    n_keys = int(np.max(CudaOps.to_host(positions))) + 1 if positions.size else 1  # a query at position p sees p + 1 keys
+    args = (kv, int(layer), on_device(seq_ids), on_device(positions), on_device(q), np.float32(scale))
+    return flash_decode(_attend_kernels(group, head_dim, lanes), n_keys, positions.shape + (kv.shape[3], group,
+                        head_dim), args, out, lanes, parts)
 
 
 OPS = CudaOps(write_tokens=write_tokens, attend_tokens=attend_tokens)

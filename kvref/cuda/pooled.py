@@ -40,8 +40,8 @@ from numba import cuda
 
 from .. import pooled
 from ..flat import work_item
-from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
-               ptx_kernels, result_array)
+from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, flash_decode, kernel_signatures, lanes_for, on_device,
+               ptx_kernels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,26 +64,28 @@ def _write_kernel_body(kv, layer, slots, k_new, v_new):
         pooled.write_one(kv, layer, slots, k_new, v_new, i, t, h, d)
 
 
-def _attend_kernel_body(group, head_dim, kv_heads=1):
-    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation"). Each
-    thread takes one KV head, so the spec's per-head scratch is sized for one (``kv_heads`` = 1)."""
+def _attend_kernel_body(group, head_dim, lanes=1):
+    """The flash-decoding attend kernel for G = group, D = head_dim and L = lanes (constants: kvref/attention.py,
+    "Specialisation"; kvref/cuda/__init__.py, "Flash-decoding"). Each block takes one KV head, so the spec's
+    per-head scratch is sized for one (``kv_heads`` = 1)."""
+    lane_dim = head_dim // lanes
 
-    def attend(kv, layer, tables, starts, positions, q, scale, out):
-        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-        n_seq, n_tokens = positions.shape
-        heads = kv.shape[3]
-        item = cuda.grid(1)
-        if item < n_seq * n_tokens * heads:
-            i, t, h = work_item(item, n_tokens, heads)
-            pooled.attend_one(kv, layer, tables, starts, positions, q, scale, out, i, t, h, h + 1, group, head_dim,
-                              kv_heads)
+    def attend(kv, layer, tables, starts, positions, q, scale, part_acc, part_m_l):
+        """Block (item, part): chunk ``part`` of the keys of item (i, t, h), read through the block table; lane j
+        takes columns j::lanes. (The spec's paged ``attend_part`` indexes q itself, so q is read from global memory
+        here, not staged in shared memory: G x D floats per block, against the chunk's thousands of K/V rows.)"""
+        i, t, h = work_item(cuda.blockIdx.x, positions.shape[1], kv.shape[3])
+        part, parts, lane = cuda.blockIdx.y, cuda.gridDim.y, cuda.threadIdx.x
+        pooled.attend_part(kv[:, :, :, :, :, lane::lanes], layer, tables, starts, positions, q[:, :, :, lane::lanes],
+                           scale, part_acc[i, t, h:h + 1, part, :, lane::lanes], part_m_l[i, t, h:h + 1, part], i, t,
+                           h, h + 1, part, parts, group, lane_dim, 1)
 
     return attend
 
 
 _copy_kernel = cuda.jit(_copy_kernel_body)
 _write_kernel = cuda.jit(_write_kernel_body)
-_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
+_attend_kernels = Specialisations(lambda group, head_dim, lanes: cuda.jit(_attend_kernel_body(group, head_dim, lanes)))
 
 
 def _signatures():
@@ -93,7 +95,8 @@ def _signatures():
     return kernel_signatures({
         "copy": lambda s, C: (C(s, 6), i64, C(i64, 2)),
         "write": lambda s, C: (C(s, 6), i64, C(i64, 2), C(s, 4), C(s, 4)),
-        "attend": lambda s, C: (C(s, 6), i64, C(i64, 2), C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 4)),
+        "attend": lambda s, C: (C(s, 6), i64, C(i64, 2), C(i64, 1), C(i64, 2), C(f32, 4), f32, C(f32, 6),
+                                C(f32, 6)),
     })
 
 
@@ -133,18 +136,20 @@ def write_tokens(kv, layer, slots, k_new, v_new):
         kv, int(layer), on_device(slots), on_device(k_new), on_device(v_new))
 
 
-def attend_tokens(kv, layer, tables, starts, positions, q, scale, out, group, head_dim, kv_heads):
-    """Paged attention of one layer for every new token (spec: ``kvref.pooled.attend_tokens``), into ``out`` in place.
+def attend_tokens(kv, layer, tables, starts, positions, q, scale, out, group, head_dim, kv_heads, parts=None):
+    """Paged attention of one layer for every new token (spec: ``kvref.pooled.attend_tokens``), into ``out`` in place,
+    as flash-decoding (:func:`kvref.cuda.flash_decode`; ``parts``: the chunk count, else chosen from n and the SMs).
 
     tables: (n_seq, C) int64; starts: (n_seq,) int64; positions: (n_seq, T) int64;
     q, out: (n_seq, T, q_heads, head_dim) float32, host or device arrays; a host ``out`` receives a copy of the result.
     """
-    blocks, threads = attend_launch(positions.size * kv_heads)
-    d_out = result_array(out)
-    _attend_kernels(group, head_dim)[blocks, threads](kv, int(layer), on_device(tables), on_device(starts),
-                                                      on_device(positions), on_device(q), np.float32(scale), d_out)
-    copy_result(d_out, out)
-    return out
+    lanes = lanes_for(head_dim)
+    host_positions, host_starts = CudaOps.to_host(positions), CudaOps.to_host(starts)
+    n_keys = int(np.max(host_positions - host_starts[:, None])) + 1 if positions.size else 1  # starts[i] .. p
+    args = (kv, int(layer), on_device(tables), on_device(starts), on_device(positions), on_device(q),
+            np.float32(scale))
+    return flash_decode(_attend_kernels(group, head_dim, lanes), n_keys, positions.shape + (kv_heads, group,
+                        head_dim), args, out, lanes, parts)
 
 
 OPS = CudaOps(write_tokens=write_tokens, copy_blocks=copy_blocks, attend_tokens=attend_tokens)

@@ -14,12 +14,12 @@ The same future work applies as for the flat cache (a block per work item with a
 """
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float32
 
 from .. import ring
 from ..flat import work_item
-from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
-               ptx_kernels, result_array)
+from . import (MAX_BLOCK_THREADS, CudaOps, Specialisations, flash_decode, kernel_signatures, lanes_for,
+               load_query_rows, on_device, ptx_kernels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -32,24 +32,29 @@ def _write_kernel_body(kv, slot_positions, layer, seq_ids, positions, slots, k_n
         ring.write_one(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_new, i, t, h, d)
 
 
-def _attend_kernel_body(group, head_dim):
-    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation")."""
+def _attend_kernel_body(group, head_dim, lanes=1):
+    """The flash-decoding attend kernel for G = group, D = head_dim and L = lanes (constants: kvref/attention.py,
+    "Specialisation"; kvref/cuda/__init__.py, "Flash-decoding")."""
+    lane_dim = head_dim // lanes
 
-    def attend(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out):
-        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-        n_seq, n_tokens = positions.shape
-        kv_heads = kv.shape[3]
-        item = cuda.grid(1)
-        if item < n_seq * n_tokens * kv_heads:
-            i, t, h = work_item(item, n_tokens, kv_heads)
-            ring.attend_one(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q,
-                            scale, out, i, t, h, group, head_dim)
+    def attend(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, part_acc,
+               part_m_l):
+        """Block (item, part): chunk ``part`` of the candidate rows of item (i, t, h); lane j takes columns
+        j::lanes."""
+        i, t, h = work_item(cuda.blockIdx.x, positions.shape[1], kv.shape[3])
+        part, parts, lane = cuda.blockIdx.y, cuda.gridDim.y, cuda.threadIdx.x
+        q_rows = cuda.shared.array((group, head_dim), float32)
+        load_query_rows(q, i, t, h * group, q_rows)
+        ring.attend_part(kv[:, :, :, :, :, lane::lanes], slot_positions, layer, seq_ids, positions,
+                         pending_k[:, :, :, lane::lanes], pending_v[:, :, :, lane::lanes], window, sinks,
+                         q_rows[:, lane::lanes], scale, part_acc[i, t, h, part, :, lane::lanes],
+                         part_m_l[i, t, h, part], i, t, h, part, parts, group, lane_dim)
 
     return attend
 
 
 _write_kernel = cuda.jit(_write_kernel_body)
-_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
+_attend_kernels = Specialisations(lambda group, head_dim, lanes: cuda.jit(_attend_kernel_body(group, head_dim, lanes)))
 
 
 def _signatures():
@@ -59,7 +64,7 @@ def _signatures():
     return kernel_signatures({
         "write": lambda s, C: (C(s, 6), C(i64, 3), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4)),
         "attend": lambda s, C: (C(s, 6), C(i64, 3), i64, C(i64, 1), C(i64, 2), C(s, 4), C(s, 4), i64, i64,
-                                C(f32, 4), f32, C(f32, 4)),
+                                C(f32, 4), f32, C(f32, 6), C(f32, 6)),
     })
 
 
@@ -84,15 +89,15 @@ def write_tokens(kv, slot_positions, layer, seq_ids, positions, slots, k_new, v_
 
 
 def attend_tokens(kv, slot_positions, layer, seq_ids, positions, pending_k, pending_v, window, sinks, q, scale, out,
-                  group, head_dim):
-    """Attention of one layer for every new token (spec: ``kvref.ring.attend_tokens``), into ``out`` in place."""
-    blocks, threads = attend_launch(positions.size * kv.shape[3])
-    d_out = result_array(out)
-    _attend_kernels(group, head_dim)[blocks, threads](
-        kv, slot_positions, int(layer), on_device(seq_ids), on_device(positions), on_device(pending_k),
-        on_device(pending_v), int(window), int(sinks), on_device(q), np.float32(scale), d_out)
-    copy_result(d_out, out)
-    return out
+                  group, head_dim, parts=None):
+    """Attention of one layer for every new token (spec: ``kvref.ring.attend_tokens``), into ``out`` in place, as
+    flash-decoding (:func:`kvref.cuda.flash_decode`; ``parts``: the chunk count, else chosen from n and the SMs)."""
+    lanes = lanes_for(head_dim)
+    n_keys = kv.shape[4] + pending_k.shape[1]  # candidate rows: the W slots, then the step's pending rows
+    args = (kv, slot_positions, int(layer), on_device(seq_ids), on_device(positions), on_device(pending_k),
+            on_device(pending_v), int(window), int(sinks), on_device(q), np.float32(scale))
+    return flash_decode(_attend_kernels(group, head_dim, lanes), n_keys, positions.shape + (kv.shape[3], group,
+                        head_dim), args, out, lanes, parts)
 
 
 OPS = CudaOps(write_tokens=write_tokens, attend_tokens=attend_tokens)

@@ -19,13 +19,13 @@ scratch is the spec's ``attention.local_array`` (per-thread local memory), so th
 import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float32
 
 from .. import two_tier
 from ..flat import work_item
 from ..quant import BLOCK
-from . import (ATTEND_THREADS, CudaOps, Specialisations, attend_launch, copy_result, kernel_signatures, on_device,
-               ptx_kernels, result_array)
+from . import (ITEM_THREADS, CudaOps, Specialisations, flash_decode, kernel_signatures, load_query_rows, on_device,
+               ptx_kernels)
 from . import quant as _quant  # noqa: F401  (registers the CUDA form of quant.mul_rn before any kernel compiles)
 
 
@@ -52,25 +52,29 @@ def _append_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k
                             i, t, h)
 
 
-def _attend_kernel_body(group, head_dim):
-    """The attend kernel for G = group and D = head_dim (constants: kvref/attention.py, "Specialisation")."""
+def _attend_kernel_body(group, head_dim, lanes=1):
+    """The flash-decoding attend kernel for G = group and D = head_dim (constants: kvref/attention.py,
+    "Specialisation"; kvref/cuda/__init__.py, "Flash-decoding"), with one lane: the spec decodes whole quantized rows
+    (``attention.decode_rows``), so head_dim is not cut over lanes here (``lanes`` must be 1)."""
+    assert lanes == 1, "the two-tier attend kernel runs one lane per block"
 
-    def attend(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out):
-        """Thread ``item`` computes the G query heads of KV head h for new token t of step-sequence i."""
-        n_seq, n_tokens = positions.shape
-        kv_heads = tail.shape[3]
-        item = cuda.grid(1)
-        if item < n_seq * n_tokens * kv_heads:
-            i, t, h = work_item(item, n_tokens, kv_heads)
-            two_tier.attend_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q,
-                                scale, out, i, t, h, group, head_dim)
+    def attend(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, part_acc,
+               part_m_l):
+        """Block (item, part): chunk ``part`` of the keys of item (i, t, h), store, tail and step segments."""
+        i, t, h = work_item(cuda.blockIdx.x, positions.shape[1], tail.shape[3])
+        part, parts = cuda.blockIdx.y, cuda.gridDim.y
+        q_rows = cuda.shared.array((group, head_dim), float32)
+        load_query_rows(q, i, t, h * group, q_rows)
+        two_tier.attend_part(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q_rows,
+                             scale, part_acc[i, t, h, part], part_m_l[i, t, h, part], i, t, h, part, parts, group,
+                             head_dim)
 
     return attend
 
 
 _migrate_kernel = cuda.jit(_migrate_kernel_body)
 _append_kernel = cuda.jit(_append_kernel_body)
-_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim)))
+_attend_kernels = Specialisations(lambda group, head_dim: cuda.jit(_attend_kernel_body(group, head_dim, 1)))
 
 
 def _signatures():
@@ -82,7 +86,7 @@ def _signatures():
         "append": lambda s, C: (C(s, 6), C(u8, 6), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4), i64,
                                 C(f32, 2)),
         "attend": lambda s, C: (C(s, 6), C(u8, 6), i64, C(i64, 1), C(i64, 2), C(i64, 2), C(s, 4), C(s, 4), i64, i64,
-                                C(f32, 4), f32, C(f32, 4)),
+                                C(f32, 4), f32, C(f32, 6), C(f32, 6)),
     })
 
 
@@ -90,7 +94,7 @@ def _signatures():
 KERNELS = {
     "two_tier.migrate": (_migrate_kernel_body, _signatures()["migrate"]),
     "two_tier.append": (_append_kernel_body, _signatures()["append"]),
-    **ptx_kernels("two_tier.attend", _attend_kernel_body, _signatures()["attend"]),
+    **ptx_kernels("two_tier.attend", _attend_kernel_body, _signatures()["attend"], lanes=lambda head_dim: 1),
 }
 
 
@@ -99,7 +103,8 @@ KERNELS = {
 # ---------------------------------------------------------------------------------------------------------------
 def _one_thread_per_item(n_items):
     """(blocks, threads) for one thread per work item."""
-    threads = max(1, min(ATTEND_THREADS, n_items))
+    n_items = int(n_items)  # a numpy integer is refused as a launch dimension on a GPU (the simulator takes it)
+    threads = max(1, min(ITEM_THREADS, n_items))
     return max(1, math.ceil(n_items / threads)), threads
 
 
@@ -122,15 +127,15 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
 
 
 def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
-                  group, head_dim):
-    """Attention of one layer for every new token (spec: ``kvref.two_tier.attend_tokens``), into ``out`` in place."""
-    blocks, threads = attend_launch(positions.size * tail.shape[3])
-    d_out = result_array(out)
-    _attend_kernels(group, head_dim)[blocks, threads](
-        tail, store, int(layer), on_device(seq_ids), on_device(positions), on_device(tiers), on_device(pending_k),
-        on_device(pending_v), int(window), int(fmt), on_device(q), np.float32(scale), d_out)
-    copy_result(d_out, out)
-    return out
+                  group, head_dim, parts=None):
+    """Attention of one layer for every new token (spec: ``kvref.two_tier.attend_tokens``), into ``out`` in place,
+    as flash-decoding with one lane per block (:func:`kvref.cuda.flash_decode`; ``parts``: the chunk count, else
+    chosen from n and the SMs)."""
+    n_keys = int(np.max(CudaOps.to_host(positions))) + 1 if positions.size else 1  # at most p + 1 keys
+    args = (tail, store, int(layer), on_device(seq_ids), on_device(positions), on_device(tiers), on_device(pending_k),
+            on_device(pending_v), int(window), int(fmt), on_device(q), np.float32(scale))
+    return flash_decode(_attend_kernels(group, head_dim), n_keys, positions.shape + (tail.shape[3], group, head_dim),
+                        args, out, 1, parts)
 
 
 OPS = CudaOps(commit_tokens=commit_tokens, attend_tokens=attend_tokens)
