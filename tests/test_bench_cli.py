@@ -128,3 +128,38 @@ def test_the_stub_matches_kvref_check():
     from kvref.check import check_backends
 
     assert "progress" in inspect.signature(check_backends).parameters
+
+
+def test_gpu_bench_without_a_gpu_says_so_and_measures_nothing(tmp_path):
+    """``--gpu`` on a machine without a CUDA GPU (CI, this suite): a sentence on stderr, exit status 0, no report."""
+    out = tmp_path / "gpu.md"
+    env = {key: value for key, value in __import__("os").environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-m", "kvref.bench", "--gpu", "--out", str(out)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env=env)
+    if "on NVIDIA" in done.stderr:
+        pytest.skip("this machine has a GPU: the benchmark ran")
+    assert done.returncode == 0, done.stderr
+    assert "no GPU benchmark on this machine" in done.stderr and "Nothing was measured" in done.stderr
+    assert not out.exists()
+
+
+def test_gpu_bench_refuses_to_overwrite_the_whole_report(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--gpu", "--write"])
+    assert stop.value.code == 2
+    assert "--out FILE" in capsys.readouterr().err
+
+
+def test_gpu_bench_counts_the_bytes_of_each_layout():
+    """The attend's bytes (the bandwidth's numerator): every visible K and V row once, in its storage format."""
+    import kvref
+    from kvref.bench.gpu import kv_bytes_read
+
+    shape = kvref.CacheShape(layers=1, q_heads=8, kv_heads=2, head_dim=64, dtype="float16")
+    flat = kvref.FlatCache(shape, batch=1, max_tokens=100, backend="python")
+    assert kv_bytes_read(flat, shape, 3, 100) == 3 * 2 * 100 * 2 * 64 * 2
+    ring = kvref.RingCache(shape, window=40, backend="python")
+    assert kv_bytes_read(ring, shape, 1, 100) == 2 * 40 * 2 * 64 * 2  # only the window is read
+    tiered = kvref.TwoTierCache(shape, tail_tokens=10, max_tokens=200, store_format="q8_0", backend="python")
+    # q8_0: 34 bytes per 32 values; the 10 tail rows in fp16
+    assert kv_bytes_read(tiered, shape, 1, 100) == 2 * 2 * 64 * (90 * 34 / 32 + 10 * 2)

@@ -1,8 +1,10 @@
-"""Command line of the benchmarks: ``python -m kvref.bench [--quick] [--out FILE | --write] [--check-only]``.
+"""Command line of the benchmarks: ``python -m kvref.bench [--quick] [--out FILE | --write] [--check-only] [--gpu]``.
 
 First the backend check (every backend against the float64 reference; exit status 1 if one fails, before anything
 is timed), then the 1- and 2-thread cases, each in its own subprocess, then the report: to standard output by
-default, to FILE with ``--out FILE``, to BENCHMARKS.md with ``--write``.
+default, to FILE with ``--out FILE``, to BENCHMARKS.md with ``--write``. ``--gpu`` runs the GPU benchmark instead
+(:mod:`kvref.bench.gpu`): its report goes to standard output or FILE (``--write`` would overwrite BENCHMARKS.md with
+the GPU section alone, so paste it in by hand).
 """
 
 import argparse
@@ -31,6 +33,10 @@ def build_parser():
                         help=f"write the report to {REPORT_FILE} (same as --out {REPORT_FILE})")
     parser.add_argument("--check-only", action="store_true",
                         help="run only the backend check, print its result and exit (status 1 if a backend fails)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="benchmark the CUDA kernels on this machine's GPU instead (kvref/bench/gpu.py): copy "
+                             "bandwidth, every timed kernel checked first, attend and write bandwidth, torch SDPA "
+                             "and FlashInfer beside them; without a GPU it says so and exits with status 0")
     parser.add_argument("--threads", type=int, default=0, help="(internal) run one thread count and print JSON")
     return parser
 
@@ -63,6 +69,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from .cases import run_threads
 
+    if args.gpu and args.out == REPORT_FILE:
+        build_parser().error(f"--gpu writes its own section, not all of {REPORT_FILE}: use --out FILE and paste it in")
+    if args.gpu:
+        from .gpu import main as gpu_main
+
+        return gpu_main(quick=args.quick, out=args.out)
     sizes = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
     if args.threads:
         print(json.dumps(run_threads(args.threads, sizes, args.quick)))
