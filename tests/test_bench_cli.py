@@ -163,3 +163,14 @@ def test_gpu_bench_counts_the_bytes_of_each_layout():
     tiered = kvref.TwoTierCache(shape, tail_tokens=10, max_tokens=200, store_format="q8_0", backend="python")
     # q8_0: 34 bytes per 32 values; the 10 tail rows in fp16
     assert kv_bytes_read(tiered, shape, 1, 100) == 2 * 2 * 64 * (90 * 34 / 32 + 10 * 2)
+
+
+def test_split_k_bench_times_both_thread_counts():
+    """``python -m kvref.bench.split_k``'s timing, on a tiny case: both thread counts timed, the answer unchanged."""
+    from kvref.bench.split_k import filled_step, one_vs_two_threads
+
+    case = ("flat", 4, 1, 32, 3000, "float32")
+    best = one_vs_two_threads(case, repeats=1, calls=1)
+    assert set(best) <= {1, 2} and 1 in best and all(0 < t < 60 for t in best.values())
+    cache, step, q = filled_step(*case)
+    assert cache.lengths[0] == 3000 and cache.attend(step, 0, q).shape == q.shape

@@ -20,6 +20,12 @@ used in one process, so the CUDA tests (``tests_cuda/``) run in their own pytest
 The simulator does no type checking, so passing there proves the thread mapping, not that the kernels compile for
 a GPU; ``tests/test_ptx.py`` compiles every kernel to sm_90 PTX (needs ``pip install kvref[cu13]``, no GPU).
 
+**Flash-decoding.** Every attend runs as split-K (the section of that name below): a grid over (work item, key
+chunk) with one warp of L lanes per block, each block the spec's ``attend_part`` over its chunk, then a merge kernel
+that calls the spec's ``attention.merge_parts``. The chunk count comes from n and the SM count
+(:func:`choose_chunks`); the lanes share each dot product through ``attention.lane_sum``, warp shuffles on a GPU
+(:func:`_register_lane_sum`). The merge rule itself lives only in ``kvref/attention.py``.
+
 This package is imported only when a cache asks for ``backend="cuda"`` (see :mod:`kvref.backends`), so
 ``import kvref`` never touches ``numba.cuda``.
 """

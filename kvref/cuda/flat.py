@@ -1,7 +1,7 @@
 """CUDA twins of the flat cache's spec (``kvref/flat.py``): thread mappings whose bodies call the spec.
 
 The kernels below contain no cache logic. Each thread works out which element (write) or which work item (attend)
-is its own and calls the spec function that handles exactly that, ``flat.write_one`` or ``flat.attend_one``. Those
+is its own and calls the spec function that handles exactly that, ``flat.write_one`` or ``flat.attend_part``. Those
 are ``@register_jitable`` functions, which numba-cuda compiles as device functions, together with everything they
 call (``attention.attend_group``, ``fp16.widen`` through its generic overload, ``attention.exp_f32``).
 
@@ -10,21 +10,24 @@ Thread mappings::
     write    grid (n_seq * T, kv_heads), block head_dim threads       (ARCHITECTURE.md, "Write")
              block (row, h) is token t of step-sequence i with row = i * T + t; thread d stores element d
              (if head_dim > 1024, the most threads a block can have, each thread strides over d)
-    attend   one thread per work item (i, t, kv_head), item = cuda.grid(1) = (i * T + t) * kv_heads + h
-             each thread runs the whole online softmax of its G query heads over the visible slots
+    attend   flash-decoding (kvref/cuda/__init__.py, "Flash-decoding"): grid (item, chunk), block L lanes
+             block (item, part) with item = (i * T + t) * kv_heads + h runs flat.attend_part for key chunk ``part``
+             (``attention.key_share``) of that item: the G query rows are loaded into shared memory first, lane j
+             reads columns j, j + L, ... of every key row (L = 32 for every real head_dim: a warp reads a row in
+             one coalesced sweep) and ``attention.lane_sum`` adds the lanes' partial dot products with warp
+             shuffles. Then the merge kernel (one block per item) combines the P partial states with the spec's
+             ``attention.merge_parts``.
 
-The attend mapping is deliberately the simplest one that calls the spec unchanged. The spec's ``attend_one`` takes
-its scratch from ``attention.local_array``, which in a CUDA kernel is per-thread local memory; its sizes (G, D) are
-compile-time constants, so there is one kernel per shape (``_attend_kernels``, built on first use by a closure over
-G and D: kvref/attention.py, "Specialisation"). **Future work: the faster GPU schedule** is one thread block per (i, t, kv_head) group, with the threads of the block
-splitting the keys of a tile and combining the dot products through a shared-memory reduction (shared memory, not
-warp shuffles, which the simulator lacks), and the running max/sum of the online softmax held in shared memory. It
-must still call spec primitives for the softmax update, not restate them.
+The attend kernel is the spec's ``attend_part`` on a strided view: the kernel only chooses the item, the chunk and
+the lane's columns. Its scratch comes from ``attention.local_array``, whose sizes (G, D / L) are compile-time
+constants, so there is one kernel per (G, D, L) (``_attend_kernels``: kvref/attention.py, "Specialisation").
+Measured on an H200 this schedule is correct but far from the copy bandwidth (BENCHMARKS.md, "GPU"): each lane
+keeps its own copy of the scores tile in local memory and the kernel needs 100+ registers.
 
 Numerics: writes are copies, bit-identical to the python backend. Attention agrees with the spec to float32
 rounding, not bit for bit: NVVM contracts ``a * b + c`` into FMA by default and ``math.exp`` lowers to libdevice.
 
-Kernel bodies are plain Python functions (``_write_kernel_body``; ``_attend_kernel_body(G, D)`` returns one) made
+Kernel bodies are plain Python functions (``_write_kernel_body``; ``_attend_kernel_body(G, D, L)`` returns one) made
 into kernels with ``cuda.jit``. ``KERNELS`` lists every body with the signatures it is launched with (attend: for each
 shape of ``PTX_SHAPES``), so ``tests/test_ptx.py`` can compile each one to PTX for sm_90 without a GPU
 (``cuda.compile_ptx(body, sig, cc=(9, 0))``).

@@ -2,7 +2,7 @@
 
 The kernels below contain no cache logic: no page-table walk, no slot arithmetic, no softmax. Each thread works out
 which element (write, copy) or which work item (attend) is its own and calls the spec function that handles exactly
-that, ``pooled.write_one``, ``pooled.copy_one`` or ``pooled.attend_one``, which numba-cuda compiles as device
+that, ``pooled.write_one``, ``pooled.copy_one`` or ``pooled.attend_part``, which numba-cuda compiles as device
 functions together with everything they call (``pooled.block_of``, ``attention.attend_rows``, ``fp16.widen``'s
 generic overload, ``attention.exp_f32``).
 
@@ -15,18 +15,17 @@ Thread mappings::
     write    grid (n_seq * T, kv_heads), block head_dim threads       (as for the flat cache)
              block (row, h) is token t of step-sequence i with row = i * T + t; thread d stores element d in the
              token's slot (block = slot // B, row = slot % B); if head_dim > 1024, each thread strides over d
-    attend   one thread per work item (i, t, kv_head), item = cuda.grid(1) = (i * T + t) * kv_heads + h
-             each thread runs the whole online softmax of its G query heads over the positions starts[i] .. p,
-             block by block through the step's table tables[i] (the spec's head range h .. h + 1)
+    attend   flash-decoding, as for the flat cache: grid (item, chunk), block L lanes; block (item, part) runs
+             pooled.attend_part over chunk ``part`` of positions starts[i] .. p, block by block through the step's
+             table tables[i]; lane j on columns j::L; then the merge kernel (``attention.merge_parts``)
 
 ``PooledCache.write`` launches copy, then write, on one stream, so a copied block is complete before a new token
 lands in it (the order of the spec: copies first, then the scatter). Within a launch no two threads write one
 element: the plan's copy targets are distinct fresh blocks, and its slots are distinct.
 
-As for the flat cache, the attend mapping is the simplest one that calls the spec unchanged: each thread runs the
-spec's ``attend_one`` for a range of one KV head, whose scratch (``attention.local_array``, sized for one head) is
-per-thread local memory; one kernel per shape (G, D), built on first use. The same future work applies (a thread block per work item, splitting each page's
-keys over its threads with a shared-memory reduction).
+The attend kernel reads its q rows from global memory through the lane view (not from shared memory as flat and
+ring do): the spec's ``pooled.attend_part`` takes the whole q array and picks head range h itself. One kernel per
+(G, D, L), built on first use.
 
 Numerics: writes and copies are copies, bit-identical to the python backend. Attention agrees with the spec to
 float32 rounding, not bit for bit (FMA contraction, libdevice's exp).

@@ -6,11 +6,10 @@ The thread mappings are the flat cache's (``kvref/cuda/flat.py``)::
              ring.write_one(..., i, t, h, d), which also records the token's position (thread h = 0, d = 0).
              A token with slot -1 (a later token of the same step takes its slot) writes nothing, so no two threads
              ever write one slot.
-    attend   one thread per work item (i, t, kv_head), item = cuda.grid(1); it runs ring.attend_one: the online
-             softmax of its G query heads over the ring slots visible from its position, then over the step's
-             held-aside chunk (empty unless the step is deferred).
-
-The same future work applies as for the flat cache (a block per work item with a shared-memory reduction).
+    attend   flash-decoding, as for the flat cache: grid (item, chunk), block L lanes; block (item, part) runs
+             ring.attend_part over chunk ``part`` of the item's candidate rows (the W ring slots, then the step's
+             held-aside rows; a slot is skipped unless its stored position is visible), q rows in shared memory,
+             lane j on columns j::L; then the merge kernel (``attention.merge_parts``).
 """
 
 import numpy as np

@@ -1,12 +1,13 @@
 """CUDA twins of the two-tier cache's spec (``kvref/two_tier.py``): thread mappings whose bodies call the spec.
 
-Thread mappings (one thread per work item, ``item = cuda.grid(1)``)::
+Thread mappings (migrate, append: one thread per work item, ``item = cuda.grid(1)``)::
 
     migrate  item = (i * n_old + k) * kv_heads + h: quantizes the k-th old tail token that leaves sequence i's tail
              (K and V rows of head h) into its store slot: two_tier.migrate_one
     append   item = (i * T + t) * kv_heads + h: stores new token t of head h in its tier: two_tier.append_one
-    attend   item = (i * T + t) * kv_heads + h: the online softmax of its G query heads over the store (block by block),
-             the tail and the step's own rows: two_tier.attend_one
+    attend   flash-decoding with ONE lane per block: grid (item, chunk); block (item, part) runs two_tier.attend_part
+             over chunk ``part`` of the item's rows (store blocks decoded in the kernel, the tail, the step's own
+             rows), q rows in shared memory; then the merge kernel (``attention.merge_parts``)
 
 ``advance`` launches migrate, then append, on one stream, so every old tail row is quantized before a new token may
 take its slot (the order the spec's ``commit_tokens`` runs its two loops in). Quantizing bytes identical to ggml's
@@ -14,6 +15,10 @@ needs the unfused multiply of ``quant.mul_rn`` (its CUDA overload lives in ``kvr
 The migrate and append threads' 32-float scratch comes from launcher-allocated device arrays; the attend threads'
 scratch is the spec's ``attention.local_array`` (per-thread local memory), so there is one attend kernel per shape
 (G, D), built on first use.
+
+Known gaps (BENCHMARKS.md, "GPU"): the attend runs one lane per block, because the spec decodes a quantized row
+whole (``quant.dequantize_row``, 32 values per ggml block) and a lane view of the store's bytes would cut through
+blocks; and quantizing is one thread per row, not one warp per ggml block. Both are correct and slow.
 """
 
 import math
