@@ -14,8 +14,16 @@ from kvref.cuda import flat as cuda_flat
 @pytest.mark.parametrize("head_dim, lanes", [(32, 32), (64, 32), (128, 32), (256, 32), (16, 16), (48, 16), (24, 8),
                                              (33, 1)])
 def test_lanes_for(head_dim, lanes):
-    """The largest power of two <= 32 that divides head_dim: lane j holds columns j, j + L, ..."""
-    assert kvref_cuda.lanes_for(head_dim) == lanes
+    """The largest power of two <= 32 that divides head_dim: lane j holds columns j, j + L, ... (on a GPU)."""
+    assert kvref_cuda.lanes_for(head_dim, most=kvref_cuda.MAX_LANES) == lanes
+
+
+def test_lanes_in_this_process():
+    """The simulator caps the lanes (one Python thread per CUDA thread) and still runs more than one."""
+    from conftest import ON_SIMULATOR
+
+    most = kvref_cuda.SIMULATOR_MAX_LANES if ON_SIMULATOR else kvref_cuda.MAX_LANES
+    assert kvref_cuda.lanes_for(128) == most and most > 1
 
 
 @pytest.mark.parametrize("n_keys, items, sms, chunks", [
@@ -79,7 +87,7 @@ def test_merge_kernel_matches_the_spec_and_the_rule(rng, lanes):
 
 @pytest.mark.parametrize("parts", [2, 3])
 def test_forced_flat_split_matches_the_python_split(rng, parts):
-    """The flat attend kernel with P chunks (32 lanes, shared q rows) then the merge kernel, against the spec's own
+    """The flat attend kernel with P chunks (L lanes, shared q rows) then the merge kernel, against the spec's own
     split run as Python (``flat.attend_part`` for each part, ``attention.merge_tokens``), and the unsplit python
     backend: float32 rounding apart (the lanes add a dot product in another order)."""
     n_seq, kv_heads, group, head_dim, slots = 2, 1, 2, 32, 70

@@ -203,11 +203,19 @@ BLOCKS_PER_SM = 16
 MAX_LANES = 32
 
 
-def lanes_for(head_dim):
-    """L, the threads that share an item's dot products: the largest power of two <= 32 dividing head_dim (32 for
-    every real model's head_dim). Lane j holds columns j, j + L, j + 2L, ... of q, K, V and the output."""
+#: the most lanes in the CUDA simulator, which runs one Python thread per CUDA thread (and each butterfly step through
+#: a barrier): the same code path as 32 lanes (strided columns, a butterfly of lane sums), 8x fewer threads
+SIMULATOR_MAX_LANES = 4
+
+
+def lanes_for(head_dim, most=None):
+    """L, the threads that share an item's dot products: the largest power of two <= ``most`` dividing head_dim
+    (``most``: 32 = ``MAX_LANES`` on a GPU, so L = 32 for every real model's head_dim; ``SIMULATOR_MAX_LANES`` in
+    the simulator). Lane j holds columns j, j + L, j + 2L, ... of q, K, V and the output."""
+    if most is None:
+        most = SIMULATOR_MAX_LANES if config.ENABLE_CUDASIM else MAX_LANES
     lanes = 1
-    while lanes < MAX_LANES and head_dim % (2 * lanes) == 0:
+    while lanes < most and head_dim % (2 * lanes) == 0:
         lanes *= 2
     return lanes
 
