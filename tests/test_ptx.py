@@ -1,7 +1,7 @@
 """Every kvref CUDA kernel compiles to sm_90 PTX, with no GPU needed.
 
 The CUDA simulator (tests_cuda/) runs kernels as Python and does no type checking, so it cannot show that a kernel,
-and the spec functions it calls (``flat.write_one``, ``attention.attend_group``, ``fp16.widen``'s overload,
+and the spec functions it calls (``flat.write_one``, ``attention.attend_rows``, ``fp16.widen``'s overload,
 ``attention.exp_f32``), compile for a GPU. ``cuda.compile_ptx`` runs Numba's typing and NVVM without a driver and
 does show it. It needs the CUDA 13 compiler libraries: ``pip install kvref[cu13]`` (numba-cuda[cu13]); without them
 this test is skipped.

@@ -56,12 +56,12 @@ CASES = (
     ("pooled", {}, "float16", LLAMA_8B, 1, 131072),
     ("pooled", {}, "float16", LLAMA_8B, 8, 32768),
 )
-#: the smoke cases of ``--quick`` (also what the simulator test runs, with its own tiny sizes)
+#: the smoke cases of ``--quick``
 QUICK_CASES = tuple(case for case in CASES if case[5] == 32768 or case[0] in ("ring", "two_tier"))
 #: tokens of the write-kernel cases (one prefill chunk of batch 1, and the same over 8 sequences)
 WRITE_CASES = (("flat", "float16", LLAMA_8B, 1, 32768), ("flat", "float16", LLAMA_8B, 8, 4096),
                ("pooled", "float16", LLAMA_8B, 1, 32768))
-#: the small shape of the python check: the case's G and D with fewer KV heads, and enough keys for 3 chunks
+#: the small shape of the python check: the case's G and D, fewer KV heads, enough keys for 2 chunks (n // 256)
 CHECK_KEYS = 600
 
 
@@ -213,7 +213,8 @@ def check_against_python(variant, options, dtype, heads, keys=CHECK_KEYS, seed=0
     tolerance = 1e-5 * max(1.0, float(np.max(np.abs(spec))))
     states_equal = same_state(caches[0].state(), caches[1].state())
     ok = states_equal and error <= tolerance
-    return ok, f"state {'equal' if states_equal else 'DIFFERS'}, cuda vs python max error {error:.1e} (<= {tolerance:.0e})"
+    verdict = "equal" if states_equal else "DIFFERS"
+    return ok, f"state {verdict}, cuda vs python max error {error:.1e} (<= {tolerance:.0e})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -425,7 +425,7 @@ Why, and what would close the gap:
   CUDA overload of `fp16.widen` with the hardware conversion is the fix.
 - **Too few warps.** One warp per block and 100+ registers give 12% occupancy. Blocks of 4 warps, each a sub-chunk,
   and a chunk count of at least one full wave (the rule of `choose_chunks` caps chunks at n / 256) are the fix.
-- **Two-tier runs one lane per block** (the spec decodes a quantized row whole, `quant.dequantize_row`, and a lane
+- **Two-tier runs one lane per block** (the spec decodes a quantized row whole, `attention.decode_rows`, and a lane
   view would cut through ggml blocks), so it is 30x slower still; **quantize is one thread per row**, not one warp
   per ggml block as the issue asks.
 - **The write kernel** moves 256 bytes per block of 128 threads (fp16, one head of one token): 262,144 tiny blocks,

@@ -3,7 +3,8 @@
 The kernels below contain no cache logic. Each thread works out which element (write) or which work item (attend)
 is its own and calls the spec function that handles exactly that, ``flat.write_one`` or ``flat.attend_part``. Those
 are ``@register_jitable`` functions, which numba-cuda compiles as device functions, together with everything they
-call (``attention.attend_group``, ``fp16.widen`` through its generic overload, ``attention.exp_f32``).
+call (``attention.attend_rows``, ``attention.merge_parts``, ``fp16.widen`` through its generic overload,
+``attention.exp_f32``).
 
 Thread mappings::
 
@@ -112,7 +113,7 @@ def attend_tokens(kv, layer, seq_ids, positions, q, scale, out, group, head_dim,
     q, out: (n_seq, T, q_heads, head_dim) float32, host or device arrays; a host ``out`` receives a copy of the result.
     """
     lanes = lanes_for(head_dim)
-    n_keys = int(np.max(CudaOps.to_host(positions))) + 1 if positions.size else 1  # a query at position p sees p + 1 keys
+    n_keys = int(np.max(CudaOps.to_host(positions))) + 1 if positions.size else 1  # position p sees p + 1 keys
     args = (kv, int(layer), on_device(seq_ids), on_device(positions), on_device(q), np.float32(scale))
     return flash_decode(_attend_kernels(group, head_dim, lanes), n_keys, positions.shape + (kv.shape[3], group,
                         head_dim), args, out, lanes, parts)

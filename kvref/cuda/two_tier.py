@@ -17,7 +17,7 @@ scratch is the spec's ``attention.local_array`` (per-thread local memory), so th
 (G, D), built on first use.
 
 Known gaps (BENCHMARKS.md, "GPU"): the attend runs one lane per block, because the spec decodes a quantized row
-whole (``quant.dequantize_row``, 32 values per ggml block) and a lane view of the store's bytes would cut through
+whole (``attention.decode_rows``, 32 values per ggml block) and a lane view of the store's bytes would cut through
 blocks; and quantizing is one thread per row, not one warp per ggml block. Both are correct and slow.
 """
 
