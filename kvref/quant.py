@@ -236,58 +236,96 @@ def code(v, low, inv, bias, levels):
     return min(levels, np.int32(mul_rn(v - low, inv) + bias))
 
 
+@register_jitable
+def code_params(fmt, amax, extreme, low, high):
+    """The constants of a block's codes from its statistics (the formulas at the top): ``(d, low, bias, levels)``,
+    where q8_0 needs ``amax``, q4_0 / q5_0 the signed ``extreme``, and q4_1 / q5_1 ``low`` and ``high``.
+    ``levels`` is the largest code, ``bias`` what :func:`code` adds before truncating, ``low`` the affine minimum
+    (0 for the other formats)."""
+    zero = np.float32(0.0)
+    if fmt == Q8_0:
+        return amax / np.float32(127.0), zero, zero, np.int32(127)
+    levels = np.int32(15 if (fmt == Q4_0 or fmt == Q4_1) else 31)  # the largest code
+    if fmt == Q4_0 or fmt == Q5_0:  # symmetric: the signed extreme maps to the lowest code
+        half = np.float32(8.0) if fmt == Q4_0 else np.float32(16.0)  # 8 or 16: the code of zero
+        return extreme / -half, zero, half + np.float32(0.5), levels
+    return (high - low) / np.float32(levels), low, np.float32(0.5), levels  # affine: min, max -> codes 0, levels
+
+
+@register_jitable(forceinline=True)
+def store_block(x, fmt, block, amax, extreme, low, high, lane, lanes):
+    """Write a block from its statistics: the scale d (and the min m of the affine formats) as fp16 by lane 0, then
+    the codes (:func:`store_codes_lanes`: lane ``lane`` of ``lanes`` writes its share; one lane writes them all)."""
+    d, low, bias, levels = code_params(fmt, amax, extreme, low, high)
+    if lane == 0:
+        m_at = layout(fmt)[0]
+        if m_at >= 0:
+            store_f16(block, m_at, low)
+        store_f16(block, 0, d)
+    if lanes == 1:
+        store_codes(x, fmt, block, low, inverse(d), bias, levels)
+    else:
+        store_codes_lanes(x, fmt, block, low, inverse(d), bias, levels, lane, lanes)
+
+
 @register_jitable(forceinline=True)
 def quantize_block(x, fmt, block):
-    """Quantize the 32 floats ``x`` into the bytes ``block`` (formulas above): the scale d (and the min m of the
-    affine formats), stored as fp16, then the codes (:func:`store_codes`).
+    """Quantize the 32 floats ``x`` into the bytes ``block`` (formulas above): the statistic its format needs
+    (:func:`abs_max`, :func:`signed_max` or :func:`min_max`), then the scale d (and the min m of the affine formats),
+    stored as fp16, then the codes (:func:`store_codes`). One thread does the whole block;
+    :func:`quantize_block_lanes` is the same with a warp's lanes sharing it.
 
     Codes are ``np.int32``: C's ``(int8_t)`` / ``(int)`` casts truncate toward zero, and so does ``np.int32(v)``
     (32-bit rather than Python's ``int`` keeps the compiled loop's SIMD lanes narrow; the values are tiny)."""
-    m_at = layout(fmt)[0]
+    amax = np.float32(0.0)
+    extreme = np.float32(0.0)
     low = np.float32(0.0)
-    bias = np.float32(0.0)
-    levels = np.int32(127)
+    high = np.float32(0.0)
     if fmt == Q8_0:
-        d = abs_max(x) / np.float32(127.0)
+        amax = abs_max(x)
+    elif fmt == Q4_0 or fmt == Q5_0:
+        extreme = signed_max(x)
     else:
-        levels = np.int32(15 if (fmt == Q4_0 or fmt == Q4_1) else 31)  # the largest code
-        if fmt == Q4_0 or fmt == Q5_0:  # symmetric: the signed extreme maps to the lowest code
-            half = np.float32(8.0) if fmt == Q4_0 else np.float32(16.0)  # 8 or 16: the code of zero
-            d = signed_max(x) / -half
-            bias = half + np.float32(0.5)
-        else:  # affine: min and max map to codes 0 and `levels`
-            low, high = min_max(x)
-            d = (high - low) / np.float32(levels)
-            bias = np.float32(0.5)
-            store_f16(block, m_at, low)
-    store_f16(block, 0, d)
-    store_codes(x, fmt, block, low, inverse(d), bias, levels)
+        low, high = min_max(x)
+    store_block(x, fmt, block, amax, extreme, low, high, 0, 1)
 
 
 @register_jitable(forceinline=True)
 def store_codes(x, fmt, block, low, inv, bias, levels):
-    """Write the codes of the 32 floats ``x`` into ``block`` (``inv = 1/d``, see :func:`inverse`):
+    """Write the codes of the 32 floats ``x`` into ``block`` (``inv = 1/d``, see :func:`inverse`), one thread:
+    :func:`store_codes_lanes` with one lane. ``kvref/cpu/fast_quant.py`` compiles this for the CPU as one 32-lane
+    vector pass, tested byte-identical."""
+    store_codes_lanes(x, fmt, block, low, inv, bias, levels, 0, 1)
 
-        q8_0        qs[j] = roundf(x_j * id), an int8
-        q4_*, q5_*  c_j = :func:`code` (x_j, low, id, bias, levels); qs[j] = (c_j & 15) | (c_{j+16} & 15) << 4;
-        q5_*        bit j of qh (a little-endian uint32) = bit 4 of c_j
 
-    ``kvref/cpu/fast_quant.py`` compiles this for the CPU as one 32-lane vector pass, tested byte-identical."""
+@register_jitable(forceinline=True)
+def store_codes_lanes(x, fmt, block, low, inv, bias, levels, lane, lanes):
+    """Lane ``lane`` of ``lanes`` writes its share of the codes of the 32 elements ``x`` (float32, or fp16 bits read
+    through :func:`kvref.fp16.widen`)::
+
+        q8_0        qs[j] = roundf(x_j * id), an int8                          (lane l: j = l, l + L, ...)
+        q4_*, q5_*  c_j = :func:`code` (x_j, low, id, bias, levels); qs[j] = (c_j & 15) | (c_{j+16} & 15) << 4
+                                                                               (lane l: bytes j = l, l + L, ... < 16)
+        q5_*        bit j of qh (a little-endian uint32) = bit 4 of c_j        (each lane its bits, :func:`lane_or`)
+
+    A lane computes every code it stores, so the lanes share nothing but the 5th bits."""
     qh_at, qs_at, block_bytes = layout(fmt)[1:]
     qs = block[qs_at:block_bytes]
     if fmt == Q8_0:
-        for j in range(qs.size):  # 32 codes
-            qs[j] = np.int32(roundf(x[j] * inv)) & 0xFF  # the int8 code's two's-complement byte
+        for j in range(lane, qs.size, lanes):  # 32 codes
+            qs[j] = np.int32(roundf(widen(x[j]) * inv)) & 0xFF  # the int8 code's two's-complement byte
         return
-    for j in range(qs.size):  # 16 bytes: element j in the low nibble, element j + 16 in the high one
-        lo_code = code(x[j], low, inv, bias, levels)
-        hi_code = code(x[j + 16], low, inv, bias, levels)
+    for j in range(lane, qs.size, lanes):  # 16 bytes: element j in the low nibble, element j + 16 in the high one
+        lo_code = code(widen(x[j]), low, inv, bias, levels)
+        hi_code = code(widen(x[j + 16]), low, inv, bias, levels)
         qs[j] = (lo_code & 0x0F) | ((hi_code & 0x0F) << 4)
     if qh_at >= 0:  # q5_*: bit 4 of element j's code is bit j of qh
         high_bits = 0
-        for j in range(BLOCK):
-            high_bits |= int(code(x[j], low, inv, bias, levels) >> 4) << j
-        store_u32(block, qh_at, high_bits)
+        for j in range(lane, BLOCK, lanes):
+            high_bits |= int(code(widen(x[j]), low, inv, bias, levels) >> 4) << j
+        high_bits = lane_or(high_bits, lanes)
+        if lane == 0:
+            store_u32(block, qh_at, high_bits)
 
 
 @register_jitable(forceinline=True)
@@ -333,13 +371,88 @@ def dequantize_block(block, fmt, x, codes):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Spec: one block by the lanes of a warp (the CUDA quantizers: kvref/cuda/quant.py, kvref/cuda/two_tier.py)
+# ---------------------------------------------------------------------------------------------------------------
+# A warp of L lanes (L divides 32) quantizes one block: lane l reads elements l, l + L, l + 2L, ... The statistics
+# are reductions over the lanes (lane_max, lane_min, lane_or below: the identity here and on the CPU, where one lane
+# does everything; warp shuffles on a GPU, ``kvref/cuda/__init__.py``). Max and min are exact in any order, so the
+# warp gets ggml's bytes; the only order-dependent choice, which element wins a tie (q4_0's first x_j of largest |x_j|,
+# the first of a tied +0.0 / -0.0 minimum), is made by the smallest index, itself a lane_min.
+
+@register_jitable
+def lane_max(x, lanes):
+    """max of ``x`` over the ``lanes`` lanes sharing a block (every lane gets it). The identity with one lane; a
+    warp-shuffle butterfly in CUDA kernels (``kvref/cuda/__init__.py``)."""
+    return x
+
+
+@register_jitable
+def lane_min(x, lanes):
+    """min of ``x`` over the lanes sharing a block (as :func:`lane_max`)."""
+    return x
+
+
+@register_jitable
+def lane_or(x, lanes):
+    """Bitwise or of the integer ``x`` over the lanes sharing a block (as :func:`lane_max`)."""
+    return x
+
+
+@register_jitable
+def first_index(x, value, magnitude, lane, lanes):
+    """The smallest j of this lane's elements (j = lane, lane + lanes, ...) with ``x_j == value`` (``|x_j| == value``
+    if ``magnitude``), or 32 if there is none. ``lane_min`` of it is the block's first such j."""
+    for j in range(lane, BLOCK, lanes):
+        v = widen(x[j])
+        if (abs(v) if magnitude else v) == value:
+            return j
+    return BLOCK
+
+
+@register_jitable(forceinline=True)
+def quantize_block_lanes(x, fmt, block, lane, lanes):
+    """Lane ``lane`` of ``lanes`` quantizes its share of one block (``x``: 32 elements, float32 or fp16 bits) into
+    ``block``; together the lanes write exactly :func:`quantize_block`'s bytes. The statistics, as the lanes compute
+    them::
+
+        q8_0         amax    = lane_max( max |x_j| over the lane's j )
+        q4_0, q5_0   extreme = x_J, J = lane_min(first j with |x_j| = amax)  (+0.0 if amax = 0, as ggml)
+        q4_1, q5_1   low     = x_J, J = lane_min(first j with x_j = lane_min(min x_j)); high likewise with max
+
+    then :func:`store_block` (lane 0 stores the scales, each lane its codes)."""
+    amax = np.float32(0.0)
+    extreme = np.float32(0.0)
+    low = widen(x[lane])
+    high = low
+    if fmt == Q8_0 or fmt == Q4_0 or fmt == Q5_0:
+        for j in range(lane, BLOCK, lanes):
+            amax = max(amax, abs(widen(x[j])))
+        amax = lane_max(amax, lanes)
+        if fmt != Q8_0 and amax > 0:
+            extreme = widen(x[lane_min(first_index(x, amax, True, lane, lanes), lanes)])
+    else:
+        for j in range(lane + lanes, BLOCK, lanes):
+            v = widen(x[j])
+            low = min(low, v)
+            high = max(high, v)
+        low = widen(x[lane_min(first_index(x, lane_min(low, lanes), False, lane, lanes), lanes)])
+        high = widen(x[lane_min(first_index(x, lane_max(high, lanes), False, lane, lanes), lanes)])
+    store_block(x, fmt, block, amax, extreme, low, high, lane, lanes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Spec: rows of blocks
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable(forceinline=True)
-def quantize_one(x, fmt, blocks, r, b):
-    """Quantize block b of row r: ``x[r, 32b:32b+32]`` -> ``blocks[r, b*B:(b+1)*B]`` (B bytes per block)."""
+def quantize_one(x, fmt, blocks, r, b, lane, lanes):
+    """Quantize block b of row r: ``x[r, 32b:32b+32]`` -> ``blocks[r, b*B:(b+1)*B]`` (B bytes per block), by one
+    thread (``lanes == 1``) or as lane ``lane`` of the ``lanes`` that share the block (:func:`quantize_block_lanes`)."""
     block_bytes = layout(fmt)[3]
-    quantize_block(x[r, b * BLOCK:(b + 1) * BLOCK], fmt, blocks[r, b * block_bytes:(b + 1) * block_bytes])
+    if lanes == 1:
+        quantize_block(x[r, b * BLOCK:(b + 1) * BLOCK], fmt, blocks[r, b * block_bytes:(b + 1) * block_bytes])
+    else:
+        quantize_block_lanes(x[r, b * BLOCK:(b + 1) * BLOCK], fmt, blocks[r, b * block_bytes:(b + 1) * block_bytes],
+                             lane, lanes)
 
 
 @register_jitable(forceinline=True)
@@ -347,7 +460,7 @@ def quantize_rows(x, fmt, blocks):
     """x: (rows, n) float32 with n % 32 == 0 -> blocks: (rows, n/32 * B) uint8, ggml's blocks row by row."""
     for r in range(x.shape[0]):
         for b in range(x.shape[1] // BLOCK):
-            quantize_one(x, fmt, blocks, r, b)
+            quantize_one(x, fmt, blocks, r, b, 0, 1)
 
 
 @register_jitable(forceinline=True)
@@ -370,14 +483,20 @@ def dequantize_rows(blocks, fmt, x):
 # Spec: the row codec (one head row of a cache: its head_dim elements <-> its blocks)
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable
-def quantize_row(row, fmt, blocks, scratch):
-    """Quantize one head row (head_dim elements, float32 or fp16 bits) into its ggml blocks, 32 elements at a time;
-    each block is widened to float32 in ``scratch`` (32 floats) first. The two-tier cache stores a token this way."""
+def quantize_row(row, fmt, blocks, scratch, lane, lanes):
+    """Quantize one head row (head_dim elements, float32 or fp16 bits) into its ggml blocks, 32 elements at a time.
+    The two-tier cache stores a token this way. One lane (``lanes == 1``, the spec and the CPU) widens each block to
+    float32 in ``scratch`` (32 floats) and runs :func:`quantize_block`; the L lanes of a CUDA warp share each block
+    (:func:`quantize_block_lanes`, which reads the row itself; ``scratch`` is unused)."""
     block_bytes = layout(fmt)[3]
     for b in range(row.shape[0] // BLOCK):
-        for k in range(BLOCK):
-            scratch[k] = widen(row[b * BLOCK + k])
-        quantize_block(scratch, fmt, blocks[b * block_bytes:(b + 1) * block_bytes])
+        if lanes == 1:
+            for k in range(BLOCK):
+                scratch[k] = widen(row[b * BLOCK + k])
+            quantize_block(scratch, fmt, blocks[b * block_bytes:(b + 1) * block_bytes])
+        else:
+            quantize_block_lanes(row[b * BLOCK:(b + 1) * BLOCK], fmt, blocks[b * block_bytes:(b + 1) * block_bytes],
+                                 lane, lanes)
 
 
 @register_jitable(forceinline=True)

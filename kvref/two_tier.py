@@ -94,9 +94,10 @@ def old_tokens_leaving(positions, tiers, i):
 
 
 @register_jitable
-def migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch, i, k, h):
+def migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch, i, k, h, lane, lanes):
     """Migrate the k-th old tail token of step-sequence i that leaves the tail in this step (head h, K and V):
-    quantize tail slot p % R into store slot p % S. The old tokens that leave are ``max(m, e') <= p < min(m', L)``
+    quantize tail slot p % R into store slot p % S (as lane ``lane`` of ``lanes``: :func:`kvref.quant.quantize_row`).
+    The old tokens that leave are ``max(m, e') <= p < min(m', L)``
     (those below e' are evicted without ever being quantized)."""
     seq = seq_ids[i]
     length = positions[i, 0]
@@ -107,24 +108,26 @@ def migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch, i, 
     S = store.shape[4]
     for kv_index in range(2):
         quant.quantize_row(tail[layer, kv_index, seq, h, p % R], fmt, store[layer, kv_index, seq, h, p % S],
-                           scratch)
+                           scratch, lane, lanes)
 
 
 @register_jitable
-def append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch, i, t, h):
+def append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch, i, t, h, lane,
+               lanes):
     """Store new token t (position p) of step-sequence i, head h: nothing if p < e' (evicted at once), quantized into
-    store slot p % S if p < m', else copied into tail slot p % R."""
+    store slot p % S if p < m', else copied into tail slot p % R. Lane ``lane`` of ``lanes`` does its share:
+    elements d = lane, lane + lanes, ... of the copy, its share of each block of the quantized rows."""
     seq = seq_ids[i]
     p = positions[i, t]
     if p < tiers[i, 2]:
         return
     if p < tiers[i, 1]:
         S = store.shape[4]
-        quant.quantize_row(pending_k[i, t, h], fmt, store[layer, 0, seq, h, p % S], scratch)
-        quant.quantize_row(pending_v[i, t, h], fmt, store[layer, 1, seq, h, p % S], scratch)
+        quant.quantize_row(pending_k[i, t, h], fmt, store[layer, 0, seq, h, p % S], scratch, lane, lanes)
+        quant.quantize_row(pending_v[i, t, h], fmt, store[layer, 1, seq, h, p % S], scratch, lane, lanes)
         return
     slot = p % tail.shape[4]
-    for d in range(pending_k.shape[3]):
+    for d in range(lane, pending_k.shape[3], lanes):
         tail[layer, 0, seq, h, slot, d] = pending_k[i, t, h, d]
         tail[layer, 1, seq, h, slot, d] = pending_v[i, t, h, d]
 
@@ -142,11 +145,12 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
     for i in range(n_seq):
         for k in range(old_tokens_leaving(positions, tiers, i)):
             for h in range(kv_heads):
-                migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch, i, k, h)
+                migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch, i, k, h, 0, 1)
     for i in range(n_seq):
         for t in range(n_tokens):
             for h in range(kv_heads):
-                append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch, i, t, h)
+                append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch, i, t, h,
+                           0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -294,9 +294,10 @@ def test_each_token_is_quantized_exactly_once(monkeypatch):
     calls = []
     original = kvref.quant.quantize_row
 
-    def counting(row, fmt, blocks, scratch):
+    def counting(row, fmt, blocks, scratch, lane, lanes):
+        assert (lane, lanes) == (0, 1)  # the spec quantizes with one lane
         calls.append(1)
-        return original(row, fmt, blocks, scratch)
+        return original(row, fmt, blocks, scratch, lane, lanes)
 
     monkeypatch.setattr(kvref.quant, "quantize_row", counting)
     run = Run("python", seed=3)

@@ -233,9 +233,10 @@ def test_bad_input_raises_same_errors_and_changes_nothing(rng, dtype):
 def test_launch_dimensions_are_python_ints():
     """A real GPU refuses a numpy integer as a launch dimension (``LaunchConfig.block must be an int``), which the
     simulator accepts: the item counts of the migrate and append launches are computed with numpy (seen on an H200)."""
-    from kvref.cuda.two_tier import _one_thread_per_item
+    from kvref.cuda.quant import QUANT_LANES
+    from kvref.cuda.two_tier import _warp_per_item
 
     for n_items in (np.int64(1), np.int64(70), 64, 65):
-        blocks, threads = _one_thread_per_item(n_items)
+        blocks, threads = _warp_per_item(n_items)
         assert type(blocks) is int and type(threads) is int
-        assert blocks * threads >= int(n_items) and (blocks - 1) * threads < int(n_items)
+        assert (blocks, threads) == (int(n_items), QUANT_LANES)

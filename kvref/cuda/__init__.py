@@ -52,8 +52,6 @@ from ..attention import local_array, merge_parts  # noqa: E402
 from ..flat import work_item  # noqa: E402
 from ..lowering import Specialisations, literal_shape, lower_local_array  # noqa: E402, F401
 
-#: threads per block for the kernels with one thread per work item (the two-tier migrate and append)
-ITEM_THREADS = 64
 #: the most threads a CUDA block may have; wider heads make each write thread stride over head_dim
 MAX_BLOCK_THREADS = 1024
 
@@ -314,39 +312,81 @@ def flash_decode(kernels, n_keys, state_dims, args, out, lanes, parts=None):
     return out
 
 
-def _simulated_lane_sum(x):
-    """``attention.lane_sum`` in the CUDA simulator, which has no warp shuffles: the butterfly of the GPU form, each
-    step through the block's barrier (the lanes of a flash-decoding block are the whole block). Outside a simulated
-    kernel (the python backend in the same process) it is the spec's identity."""
+def _simulated_butterfly(x, lanes, combine):
+    """A lane reduction in the CUDA simulator, which has no warp shuffles: the butterfly of the GPU form
+    (``lanes / 2, lanes / 4, ..., 1`` apart), each step through the block's barrier (the lanes sharing one reduction
+    are the whole block). Outside a simulated kernel (the python backend in the same process), or with one lane, it
+    is the spec's identity."""
     import threading
 
     from numba.cuda.simulator.kernel import BlockThread
 
     thread = threading.current_thread()
-    if not isinstance(thread, BlockThread):
+    if not isinstance(thread, BlockThread) or lanes == 1:
         return x
-    lanes, lane = thread._manager._block_dim[0], thread.threadIdx.x
-    exchange = thread._manager.__dict__.setdefault("kvref_lane_sum", {})
+    lane = thread.threadIdx.x
+    exchange = thread._manager.__dict__.setdefault("kvref_lanes", {})
     offset = lanes // 2
     while offset > 0:
         exchange[lane] = x
         thread.syncthreads()
         partner = exchange[lane ^ offset]
         thread.syncthreads()
-        x = x + partner
+        x = combine(x, partner)
         offset //= 2
     return x
 
 
-def _register_lane_sum():
-    """The compiled forms of ``attention.lane_sum``: warp shuffles on a GPU; in the simulator, the spec's global is
-    replaced by :func:`_simulated_lane_sum` (whose compiled form, for CPU code compiled in the same process, is the
-    identity)."""
-    from numba.extending import overload
+def _simulated_lane_sum(x):
+    """``attention.lane_sum`` in the simulator: the lanes are the block (``blockDim.x``)."""
+    import threading
+
+    manager = getattr(threading.current_thread(), "_manager", None)
+    lanes = manager._block_dim[0] if manager is not None else 1
+    return _simulated_butterfly(x, lanes, lambda a, b: a + b)
+
+
+def _simulated_lane_max(x, lanes):
+    return _simulated_butterfly(x, lanes, max)
+
+
+def _simulated_lane_min(x, lanes):
+    return _simulated_butterfly(x, lanes, min)
+
+
+def _simulated_lane_or(x, lanes):
+    return _simulated_butterfly(x, lanes, lambda a, b: a | b)
+
+
+def _shuffle_max(a, b):
+    return max(a, b)
+
+
+def _shuffle_min(a, b):
+    return min(a, b)
+
+
+def _shuffle_or(a, b):
+    return a | b
+
+
+def _register_lane_reductions():
+    """The compiled forms of the spec's lane reductions, ``attention.lane_sum`` (over the block's lanes) and
+    ``quant.lane_max`` / ``lane_min`` / ``lane_or`` (over ``lanes`` lanes): warp shuffles on a GPU, a butterfly of
+    ``cuda.shfl_xor_sync`` (log2 L steps; each step combines the same two values in every lane, so every lane gets
+    the same result). In the simulator the spec's globals are replaced by the ``_simulated_*`` functions above (whose
+    compiled forms, for CPU code compiled in the same process, are the identity)."""
+    from numba.extending import overload, register_jitable
+
+    from .. import quant
 
     if config.ENABLE_CUDASIM:
         attention.lane_sum = _simulated_lane_sum
         overload(_simulated_lane_sum)(lambda x: (lambda x: x))
+        for name, simulated in (("lane_max", _simulated_lane_max), ("lane_min", _simulated_lane_min),
+                                ("lane_or", _simulated_lane_or)):
+            setattr(quant, name, simulated)
+            overload(simulated)(lambda x, lanes: (lambda x, lanes: x))
         return
 
     @overload(attention.lane_sum, target="cuda")
@@ -362,5 +402,22 @@ def _register_lane_sum():
 
         return lane_sum
 
+    def butterfly(combine):
+        combine = register_jitable(combine)
 
-_register_lane_sum()
+        def reduce(x, lanes):
+            mask = np.uint32((np.int64(1) << lanes) - 1)  # the lanes are one warp's first `lanes` threads
+            offset = lanes // 2
+            while offset > 0:
+                x = combine(x, cuda.shfl_xor_sync(mask, x, offset))
+                offset //= 2
+            return x
+
+        return lambda x, lanes: reduce
+
+    overload(quant.lane_max, target="cuda")(butterfly(_shuffle_max))
+    overload(quant.lane_min, target="cuda")(butterfly(_shuffle_min))
+    overload(quant.lane_or, target="cuda")(butterfly(_shuffle_or))
+
+
+_register_lane_reductions()

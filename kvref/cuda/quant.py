@@ -1,14 +1,19 @@
 """CUDA twins of the quantization spec (``kvref/quant.py``): thread mappings whose bodies call the spec.
 
-Thread mapping (one thread per block of 32 elements, ``item = cuda.grid(1)``)::
+Thread mappings::
 
-    quantize     item = r * n_blocks + b: quant.quantize_one(x, fmt, blocks, r, b)
-    dequantize   item = r * n_blocks + b: quant.dequantize_one(blocks, fmt, x, r, b, codes[item])
+    quantize     one warp per ggml block: CUDA block ``item = blockIdx.x = r * n_blocks + b`` of L = QUANT_LANES
+                 threads (32 on a GPU, ``SIMULATOR_MAX_LANES`` in the simulator); lane ``threadIdx.x`` takes elements
+                 lane, lane + L, ... of the block: quant.quantize_one(x, fmt, blocks, r, b, lane, L), whose
+                 statistics (max |x|, min, max, the 5th bits) are warp-shuffle reductions (``quant.lane_max``, ...)
+    dequantize   one thread per ggml block, ``item = cuda.grid(1) = r * n_blocks + b``:
+                 quant.dequantize_one(blocks, fmt, x, r, b, codes[item])
 
-A block is 32 elements, so one thread per block does 32 elements of work, like ggml's reference loop; the threads of
-a warp read neighbouring blocks. The spec's ``dequantize_rows`` allocates its 32-float ``codes`` scratch with
-``np.empty``, which device code cannot do, so the dequantize launcher allocates a device array ``codes`` of shape
-(n_items, 32) and hands row ``codes[item]`` to each thread.
+The lanes of a quantize warp read 32 consecutive floats (one 128-byte line) and write the block's bytes side by
+side. A dequantize thread does 32 elements of work, like ggml's reference loop; the threads of a warp read
+neighbouring blocks. The spec's ``dequantize_rows`` allocates its 32-float ``codes`` scratch with ``np.empty``,
+which device code cannot do, so the dequantize launcher allocates a device array ``codes`` of shape (n_items, 32)
+and hands row ``codes[item]`` to each thread.
 
 **No FMA.** NVVM contracts ``a * b + c`` into one ``fma.rn.f32`` by default (even without fast-math), which rounds
 once where ggml rounds twice: for q4_0's ``(int8_t)(x * id + 8.5f)`` 9 inputs then get a different code
@@ -30,10 +35,13 @@ from numba.core import config, types
 from numba.extending import overload
 
 from .. import quant
-from . import is_device_array, on_device
+from . import is_device_array, lanes_for, on_device
 
-#: threads per CUDA block for both kernels (each thread handles one 32-element quantization block)
+#: threads per CUDA block of the dequantize kernel (each thread handles one 32-element quantization block)
 THREADS = 64
+#: the lanes that share one ggml block when quantizing: a warp (32) on a GPU, 4 in the simulator (the same code path
+#: with 8x fewer simulated threads; see ``kvref.cuda.lanes_for``)
+QUANT_LANES = lanes_for(quant.BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,11 +61,10 @@ if not config.ENABLE_CUDASIM:  # the simulator runs quant.mul_rn as Python; libd
 # Kernels: index arithmetic only; the work is the spec's.
 # ---------------------------------------------------------------------------------------------------------------
 def _quantize_kernel_body(x, fmt, blocks):
-    """Thread ``item`` quantizes block b of row r (item = r * n_blocks + b)."""
+    """CUDA block ``item`` quantizes ggml block b of row r (item = r * n_blocks + b); its threads are the lanes."""
     n_blocks = x.shape[1] // quant.BLOCK
-    item = cuda.grid(1)
-    if item < x.shape[0] * n_blocks:
-        quant.quantize_one(x, fmt, blocks, item // n_blocks, item % n_blocks)
+    item = cuda.blockIdx.x
+    quant.quantize_one(x, fmt, blocks, item // n_blocks, item % n_blocks, cuda.threadIdx.x, cuda.blockDim.x)
 
 
 def _dequantize_kernel_body(blocks, fmt, x, codes):
@@ -112,8 +119,7 @@ def quantize_rows(x, fmt, blocks):
     if n_items == 0:
         return blocks
     d_blocks = _output(blocks, np.uint8)
-    grid, threads = _launch_shape(n_items)
-    _quantize_kernel[grid, threads](on_device(x), int(fmt), d_blocks)
+    _quantize_kernel[n_items, QUANT_LANES](on_device(x), int(fmt), d_blocks)  # one warp per ggml block
     _copy_back(d_blocks, blocks)
     return blocks
 

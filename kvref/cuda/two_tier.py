@@ -1,10 +1,13 @@
 """CUDA twins of the two-tier cache's spec (``kvref/two_tier.py``): thread mappings whose bodies call the spec.
 
-Thread mappings (migrate, append: one thread per work item, ``item = cuda.grid(1)``)::
+Thread mappings (migrate, append: one warp per work item, CUDA block ``item = blockIdx.x`` of L = QUANT_LANES
+threads, 32 on a GPU; lane = ``threadIdx.x``)::
 
     migrate  item = (i * n_old + k) * kv_heads + h: quantizes the k-th old tail token that leaves sequence i's tail
-             (K and V rows of head h) into its store slot: two_tier.migrate_one
-    append   item = (i * T + t) * kv_heads + h: stores new token t of head h in its tier: two_tier.append_one
+             (K and V rows of head h) into its store slot, the L lanes sharing each ggml block:
+             two_tier.migrate_one(..., lane, L)
+    append   item = (i * T + t) * kv_heads + h: stores new token t of head h in its tier, the lanes sharing each
+             block it quantizes, or copying elements lane, lane + L, ... into the tail: two_tier.append_one
     attend   flash-decoding with ONE lane per block: grid (item, chunk); block (item, part) runs two_tier.attend_part
              over chunk ``part`` of the item's rows (store blocks decoded in the kernel, the tail, the step's own
              rows), q rows in shared memory; then the merge kernel (``attention.merge_parts``)
@@ -12,16 +15,15 @@ Thread mappings (migrate, append: one thread per work item, ``item = cuda.grid(1
 ``advance`` launches migrate, then append, on one stream, so every old tail row is quantized before a new token may
 take its slot (the order the spec's ``commit_tokens`` runs its two loops in). Quantizing bytes identical to ggml's
 needs the unfused multiply of ``quant.mul_rn`` (its CUDA overload lives in ``kvref/cuda/quant.py``, imported here).
-The migrate and append threads' 32-float scratch comes from launcher-allocated device arrays; the attend threads'
+The spec's one-thread scratch row (``quant.quantize_row`` widens a block into it when ``lanes == 1``) is unused by
+the warps, which read the row themselves; the launchers pass a one-row device array. The attend threads'
 scratch is the spec's ``attention.local_array`` (per-thread local memory), so there is one attend kernel per shape
 (G, D), built on first use.
 
 Known gaps (BENCHMARKS.md, "GPU"): the attend runs one lane per block, because the spec decodes a quantized row
 whole (``attention.decode_rows``, 32 values per ggml block) and a lane view of the store's bytes would cut through
-blocks; and quantizing is one thread per row, not one warp per ggml block. Both are correct and slow.
+blocks. It is correct and slow.
 """
-
-import math
 
 import numpy as np
 from numba import cuda, float32
@@ -29,32 +31,26 @@ from numba import cuda, float32
 from .. import two_tier
 from ..flat import work_item
 from ..quant import BLOCK
-from . import (ITEM_THREADS, CudaOps, Specialisations, flash_decode, kernel_signatures, load_query_rows, on_device,
+from . import (CudaOps, Specialisations, flash_decode, kernel_signatures, load_query_rows, on_device,
                ptx_kernels)
-from . import quant as _quant  # noqa: F401  (registers the CUDA form of quant.mul_rn before any kernel compiles)
+from .quant import QUANT_LANES  # (importing kvref.cuda.quant registers the CUDA form of quant.mul_rn)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels: index arithmetic only; the work is the spec's.
 # ---------------------------------------------------------------------------------------------------------------
 def _migrate_kernel_body(tail, store, layer, seq_ids, positions, tiers, fmt, n_old, scratch):
-    """Thread ``item`` migrates old tail token k of step-sequence i, head h."""
-    kv_heads = tail.shape[3]
-    item = cuda.grid(1)
-    if item < positions.shape[0] * n_old * kv_heads:
-        i, k, h = work_item(item, n_old, kv_heads)
-        two_tier.migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch[item], i, k, h)
+    """CUDA block ``item`` (its threads the lanes) migrates old tail token k of step-sequence i, head h."""
+    i, k, h = work_item(cuda.blockIdx.x, n_old, tail.shape[3])
+    two_tier.migrate_one(tail, store, layer, seq_ids, positions, tiers, fmt, scratch[0], i, k, h, cuda.threadIdx.x,
+                         cuda.blockDim.x)
 
 
 def _append_kernel_body(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch):
-    """Thread ``item`` stores new token t of step-sequence i, head h."""
-    n_seq, n_tokens = positions.shape
-    kv_heads = tail.shape[3]
-    item = cuda.grid(1)
-    if item < n_seq * n_tokens * kv_heads:
-        i, t, h = work_item(item, n_tokens, kv_heads)
-        two_tier.append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch[item],
-                            i, t, h)
+    """CUDA block ``item`` (its threads the lanes) stores new token t of step-sequence i, head h."""
+    i, t, h = work_item(cuda.blockIdx.x, positions.shape[1], tail.shape[3])
+    two_tier.append_one(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt, scratch[0], i, t, h,
+                        cuda.threadIdx.x, cuda.blockDim.x)
 
 
 def _attend_kernel_body(group, head_dim, lanes=1):
@@ -106,29 +102,26 @@ KERNELS = {
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers and the operations object a cache calls
 # ---------------------------------------------------------------------------------------------------------------
-def _one_thread_per_item(n_items):
-    """(blocks, threads) for one thread per work item."""
-    n_items = int(n_items)  # a numpy integer is refused as a launch dimension on a GPU (the simulator takes it)
-    threads = max(1, min(ITEM_THREADS, n_items))
-    return max(1, math.ceil(n_items / threads)), threads
+def _warp_per_item(n_items):
+    """(blocks, threads) for one warp of QUANT_LANES threads per work item, as Python ints: a real GPU refuses a
+    numpy integer as a launch dimension (the simulator takes it), and the item counts come from numpy shapes."""
+    return int(n_items), int(QUANT_LANES)
 
 
 def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, fmt):
-    """Store one layer's step (spec: ``kvref.two_tier.commit_tokens``): the migrate kernel, then the append kernel."""
+    """Store one layer's step (spec: ``kvref.two_tier.commit_tokens``): the migrate kernel, then the append kernel,
+    one warp of QUANT_LANES threads per work item."""
     n_seq, n_tokens, kv_heads, _ = pending_k.shape
     d_seq_ids, d_positions, d_tiers = on_device(seq_ids), on_device(positions), on_device(tiers)
+    unused_scratch = cuda.device_array((1, BLOCK), np.float32)  # the spec's one-lane scratch; warps read the row
     n_old = max(two_tier.old_tokens_leaving(positions, tiers, i) for i in range(n_seq))  # the spec's count, on host
     if n_old > 0:
-        n_items = n_seq * n_old * kv_heads
-        blocks, threads = _one_thread_per_item(n_items)
-        scratch = cuda.device_array((n_items, BLOCK), np.float32)
-        _migrate_kernel[blocks, threads](tail, store, int(layer), d_seq_ids, d_positions, d_tiers, int(fmt), n_old,
-                                         scratch)
-    n_items = n_seq * n_tokens * kv_heads
-    blocks, threads = _one_thread_per_item(n_items)
-    scratch = cuda.device_array((n_items, BLOCK), np.float32)
-    _append_kernel[blocks, threads](tail, store, int(layer), d_seq_ids, d_positions, d_tiers, on_device(pending_k),
-                                    on_device(pending_v), int(fmt), scratch)
+        _migrate_kernel[_warp_per_item(n_seq * n_old * kv_heads)](tail, store, int(layer), d_seq_ids, d_positions,
+                                                                   d_tiers, int(fmt), int(n_old), unused_scratch)
+    if n_seq * n_tokens * kv_heads > 0:
+        n_items = n_seq * n_tokens * kv_heads
+        _append_kernel[_warp_per_item(n_items)](tail, store, int(layer), d_seq_ids, d_positions, d_tiers,
+                                                on_device(pending_k), on_device(pending_v), int(fmt), unused_scratch)
 
 
 def attend_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pending_v, window, fmt, q, scale, out,
