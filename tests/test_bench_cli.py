@@ -174,3 +174,16 @@ def test_split_k_bench_times_both_thread_counts():
     assert set(best) <= {1, 2} and 1 in best and all(0 < t < 60 for t in best.values())
     cache, step, q = filled_step(*case)
     assert cache.lengths[0] == 3000 and cache.attend(step, 0, q).shape == q.shape
+
+
+def test_split_k_bench_bytes_and_read_ceiling():
+    """The K/V bytes a case reads (2 x n x kv_heads x head_dim x itemsize, counted independently from the cache's
+    own arrays) and the read bandwidth the speedup ceiling comes from (both thread counts measured, positive)."""
+    from kvref.bench.split_k import filled_step, kv_bytes, read_bandwidth
+
+    case = ("flat", 4, 2, 32, 1000, "float16")
+    cache, _, _ = filled_step(*case)
+    assert cache.kv.shape == (1, 2, 1, 2, 1001, 32)  # (layers, K/V, batch, kv_heads, slots, head_dim)
+    assert kv_bytes(case) == 2 * 1000 * 2 * 32 * 2 == cache.kv[:, :, :, :, :1000].nbytes
+    read = read_bandwidth(rounds=1, gib=1 / 64)
+    assert 1 in read and all(gbps > 0 for gbps in read.values())
