@@ -198,35 +198,24 @@ FORMATS = {name: (BLOCK, layout(GGML_TYPES[name])[3], layout(GGML_TYPES[name])[3
 # ---------------------------------------------------------------------------------------------------------------
 @register_jitable
 def abs_max(x):
-    """``max |x_j|`` over the 32 elements of a block (ggml: ``amax = MAX(amax, fabsf(v))`` from 0)."""
-    amax = np.float32(0.0)
-    for j in range(BLOCK):
-        amax = max(amax, abs(x[j]))
-    return amax
+    """``max |x_j|`` over the 32 elements of a block (ggml: ``amax = MAX(amax, fabsf(v))`` from 0): the one-lane case
+    of :func:`abs_max_lanes`."""
+    return abs_max_lanes(x, 0, 1)
 
 
 @register_jitable
 def signed_max(x):
     """The x_j of largest |x_j|, sign kept: the first such j on ties. ggml starts from ``amax = max = 0`` and replaces
-    only on a strictly larger |x_j|, so a block of zeros (of either sign) gives +0.0."""
-    amax = np.float32(0.0)
-    extreme = np.float32(0.0)
-    for j in range(BLOCK):
-        if abs(x[j]) > amax:
-            amax = abs(x[j])
-            extreme = x[j]
-    return extreme
+    only on a strictly larger |x_j|, so a block of zeros (of either sign) gives +0.0. The one-lane case of
+    :func:`signed_max_lanes`."""
+    return signed_max_lanes(x, 0, 1)
 
 
 @register_jitable
 def min_max(x):
-    """(min x_j, max x_j) of a block; on ties (+0.0 and -0.0) the first one, as ggml's ``if (v < min) min = v``."""
-    low = x[0]
-    high = x[0]
-    for j in range(1, BLOCK):
-        low = min(low, x[j])
-        high = max(high, x[j])
-    return low, high
+    """(min x_j, max x_j) of a block; on ties (+0.0 and -0.0) the first one, as ggml's ``if (v < min) min = v``. The
+    one-lane case of :func:`min_max_lanes`."""
+    return min_max_lanes(x, 0, 1)
 
 
 @register_jitable
@@ -375,9 +364,10 @@ def dequantize_block(block, fmt, x, codes):
 # ---------------------------------------------------------------------------------------------------------------
 # A warp of L lanes (L divides 32) quantizes one block: lane l reads elements l, l + L, l + 2L, ... The statistics
 # are reductions over the lanes (lane_max, lane_min, lane_or below: the identity here and on the CPU, where one lane
-# does everything; warp shuffles on a GPU, ``kvref/cuda/__init__.py``). Max and min are exact in any order, so the
-# warp gets ggml's bytes; the only order-dependent choice, which element wins a tie (q4_0's first x_j of largest |x_j|,
-# the first of a tied +0.0 / -0.0 minimum), is made by the smallest index, itself a lane_min.
+# does everything; warp shuffles on a GPU, ``kvref/cuda/__init__.py``). Max and min give the same value in any order,
+# up to the sign of a zero; which element wins a tie (q4_0's first x_j of largest |x_j|, the first of a tied
+# +0.0 / -0.0 minimum) is decided by the smallest index, itself a lane_min, and that element is read from x. The
+# one-thread statistics (abs_max, signed_max, min_max above) are these with one lane.
 
 @register_jitable
 def lane_max(x, lanes):
@@ -409,34 +399,64 @@ def first_index(x, value, magnitude, lane, lanes):
     return BLOCK
 
 
+@register_jitable
+def abs_max_lanes(x, lane, lanes):
+    """``amax = max |x_j|``, from 0: each lane over its elements, then :func:`lane_max`."""
+    amax = np.float32(0.0)
+    for j in range(lane, BLOCK, lanes):
+        amax = max(amax, abs(widen(x[j])))
+    return lane_max(amax, lanes)
+
+
+@register_jitable
+def signed_max_lanes(x, lane, lanes):
+    """q4_0 / q5_0's extreme: ``x_J``, J the first j with ``|x_j| = amax`` (:func:`first_index`, then
+    :func:`lane_min`), or +0.0 when amax = 0 (ggml never leaves its start value then)."""
+    amax = abs_max_lanes(x, lane, lanes)
+    if not amax > 0:
+        return np.float32(0.0)
+    return widen(x[lane_min(first_index(x, amax, True, lane, lanes), lanes)])
+
+
+@register_jitable
+def min_max_lanes(x, lane, lanes):
+    """q4_1 / q5_1's (low, high): the min and max over each lane's elements, then :func:`lane_min` /
+    :func:`lane_max`; each is then replaced by ``x_J``, J the first j equal to it, so that of a +0.0 / -0.0 tie the
+    first is kept (the lanes' reductions may disagree on the sign of a zero: their results are only compared,
+    never stored). A NaN in ``x[0]`` (which kvref's callers reject) sticks, as in a serial ``min``."""
+    low = widen(x[lane])
+    high = low
+    for j in range(lane + lanes, BLOCK, lanes):
+        v = widen(x[j])
+        low = min(low, v)
+        high = max(high, v)
+    low = lane_min(low, lanes)
+    high = lane_max(high, lanes)
+    first_low = lane_min(first_index(x, low, False, lane, lanes), lanes)
+    first_high = lane_min(first_index(x, high, False, lane, lanes), lanes)
+    if first_low < BLOCK:
+        low = widen(x[first_low])
+    if first_high < BLOCK:
+        high = widen(x[first_high])
+    return low, high
+
+
 @register_jitable(forceinline=True)
 def quantize_block_lanes(x, fmt, block, lane, lanes):
     """Lane ``lane`` of ``lanes`` quantizes its share of one block (``x``: 32 elements, float32 or fp16 bits) into
-    ``block``; together the lanes write exactly :func:`quantize_block`'s bytes. The statistics, as the lanes compute
-    them::
-
-        q8_0         amax    = lane_max( max |x_j| over the lane's j )
-        q4_0, q5_0   extreme = x_J, J = lane_min(first j with |x_j| = amax)  (+0.0 if amax = 0, as ggml)
-        q4_1, q5_1   low     = x_J, J = lane_min(first j with x_j = lane_min(min x_j)); high likewise with max
-
-    then :func:`store_block` (lane 0 stores the scales, each lane its codes)."""
+    ``block``: the statistic its format needs (:func:`abs_max_lanes`, :func:`signed_max_lanes` or
+    :func:`min_max_lanes`), then :func:`store_block` (lane 0 stores the scales, each lane its codes). Together the
+    lanes write exactly :func:`quantize_block`'s bytes."""
     amax = np.float32(0.0)
     extreme = np.float32(0.0)
-    low = widen(x[lane])
-    high = low
-    if fmt == Q8_0 or fmt == Q4_0 or fmt == Q5_0:
-        for j in range(lane, BLOCK, lanes):
-            amax = max(amax, abs(widen(x[j])))
-        amax = lane_max(amax, lanes)
-        if fmt != Q8_0 and amax > 0:
-            extreme = widen(x[lane_min(first_index(x, amax, True, lane, lanes), lanes)])
+    low = np.float32(0.0)
+    high = np.float32(0.0)
+    if fmt == Q8_0:
+        amax = abs_max_lanes(x, lane, lanes)
+    elif fmt == Q4_0 or fmt == Q5_0:
+        extreme = signed_max_lanes(x, lane, lanes)
     else:
-        for j in range(lane + lanes, BLOCK, lanes):
-            v = widen(x[j])
-            low = min(low, v)
-            high = max(high, v)
-        low = widen(x[lane_min(first_index(x, lane_min(low, lanes), False, lane, lanes), lanes)])
-        high = widen(x[lane_min(first_index(x, lane_max(high, lanes), False, lane, lanes), lanes)])
+        low, high = min_max_lanes(x, lane, lanes)
     store_block(x, fmt, block, amax, extreme, low, high, lane, lanes)
 
 

@@ -1,9 +1,10 @@
 """kvref.quant with backend="cuda": ggml's bytes, against the gguf package, from the CUDA kernels.
 
-Runs in the CUDA simulator by default (see conftest.py); every launch is tiny (a few rows of a few blocks; quantize
-runs one warp per 32-element block, 4 simulated lanes, dequantize one thread per block). With ``KVREF_CUDA=gpu`` the same tests run on a real GPU, where the kernels
-use the CUDA overload of ``quant.mul_rn`` (an unfused multiply); :func:`test_quantize_ptx_has_no_fma` checks that
-overload in the compiled PTX, without a GPU, when the CUDA 13 compiler is installed (``kvref[cu13]``).
+Runs in the CUDA simulator by default (see conftest.py); every launch is tiny (a few rows of a few blocks;
+quantize runs one warp per 32-element block, 4 simulated lanes, dequantize one thread per block). With
+``KVREF_CUDA=gpu`` the same tests run on a real GPU, where the kernels use the CUDA overload of ``quant.mul_rn`` (an
+unfused multiply); :func:`test_quantize_ptx_has_no_fma` checks that overload in the compiled PTX, without a GPU, when
+the CUDA 13 compiler is installed (``kvref[cu13]``).
 """
 
 import json

@@ -33,40 +33,58 @@ def median_time(fn, args_list, min_reps=5, min_seconds=0.3, max_reps=200):
     return times[len(times) // 2]
 
 
-def measure_bandwidth(threads, gib=1.0):
-    """STREAM-like read and copy of a ``gib`` GiB float32 array with ``threads`` Numba threads -> GB/s."""
+_STREAM_KERNELS = []
+
+
+def _stream_kernels():
+    """The compiled parallel float32 read and copy of :func:`measure_bandwidth` (compiled once per process)."""
+    if not _STREAM_KERNELS:
+        import numba
+        import numpy as np
+
+        @numba.njit(parallel=True, fastmath=True)
+        def read(a, chunks):
+            n = a.size
+            partial = np.zeros(chunks, np.float32)
+            for c in numba.prange(chunks):
+                part = a[c * n // chunks:(c + 1) * n // chunks]
+                s = np.float32(0.0)
+                for i in range(part.size):
+                    s += part[i]
+                partial[c] = s
+            return partial.sum()
+
+        @numba.njit(parallel=True)
+        def copy(dst, src, chunks):
+            n = src.size
+            for c in numba.prange(chunks):
+                d = dst[c * n // chunks:(c + 1) * n // chunks]
+                s = src[c * n // chunks:(c + 1) * n // chunks]
+                for i in range(s.size):
+                    d[i] = s[i]
+
+        _STREAM_KERNELS.append((read, copy))
+    return _STREAM_KERNELS[0]
+
+
+def measure_bandwidth(threads, gib=1.0, copy=True):
+    """STREAM-like read (and, if ``copy``, copy) of a ``gib`` GiB float32 array with ``threads`` Numba threads ->
+    {"read_GBps": ..., "copy_GBps": ... or None}."""
     import numba
     import numpy as np
 
-    @numba.njit(parallel=True, fastmath=True)
-    def read(a, chunks):
-        n = a.size
-        partial = np.zeros(chunks, np.float32)
-        for c in numba.prange(chunks):
-            part = a[c * n // chunks:(c + 1) * n // chunks]
-            s = np.float32(0.0)
-            for i in range(part.size):
-                s += part[i]
-            partial[c] = s
-        return partial.sum()
-
-    @numba.njit(parallel=True)
-    def copy(dst, src, chunks):
-        n = src.size
-        for c in numba.prange(chunks):
-            d = dst[c * n // chunks:(c + 1) * n // chunks]
-            s = src[c * n // chunks:(c + 1) * n // chunks]
-            for i in range(s.size):
-                d[i] = s[i]
-
+    read_kernel, copy_kernel = _stream_kernels()
     numba.set_num_threads(threads)
     n = int(gib * 2**30 // 4)
     a = np.ones(n, np.float32)
-    b = np.empty_like(a)
     chunks = 64
-    t_read = median_time(read, [(a, chunks)], min_reps=5, min_seconds=1.0)
-    t_copy = median_time(copy, [(b, a, chunks)], min_reps=5, min_seconds=1.0)
-    return {"read_GBps": a.nbytes / t_read / 1e9, "copy_GBps": 2 * a.nbytes / t_copy / 1e9}
+    t_read = median_time(read_kernel, [(a, chunks)], min_reps=5, min_seconds=1.0)
+    result = {"read_GBps": a.nbytes / t_read / 1e9, "copy_GBps": None}
+    if copy:
+        b = np.empty_like(a)
+        t_copy = median_time(copy_kernel, [(b, a, chunks)], min_reps=5, min_seconds=1.0)
+        result["copy_GBps"] = 2 * a.nbytes / t_copy / 1e9
+    return result
 
 
 _INT64_SUM = []

@@ -78,7 +78,7 @@ def read_bandwidth(rounds=BANDWIDTH_ROUNDS, gib=0.5):
     best = {t: 0.0 for t in threads}
     for _ in range(rounds):
         for t in threads:
-            best[t] = max(best[t], measure_bandwidth(t, gib)["read_GBps"])
+            best[t] = max(best[t], measure_bandwidth(t, gib, copy=False)["read_GBps"])
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     return best
 

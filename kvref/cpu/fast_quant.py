@@ -8,7 +8,8 @@ the generic one ``register_jitable`` made; plain Python and CUDA keep running th
   scratch row used by all G heads) and ``quant.dequantize`` (``dequantize_rows``) both get it.
 * ``quant.block_codes(block, fmt, codes)``: the same code vector, stored into ``codes``, and (d, m).
 * ``quant.store_codes(x, fmt, block, low, inv, bias, levels)``: the quantizers' codes of one block (see the end of
-  this file), what ``quant.quantize_block`` calls after it has computed and stored the scale.
+  this file), what ``quant.store_block`` calls with one lane (``quant.quantize_block``'s path) after it has stored
+  the scale.
 
 **Why.** The spec's loops over a 32-code block compile to scalar code: after inlining, the trip count is the
 constant 32 and LLVM fully unrolls them into one ``vcvtsi2ss`` per element (192 per row of 128, on top of the byte

@@ -24,7 +24,7 @@ a GPU; ``tests/test_ptx.py`` compiles every kernel to sm_90 PTX (needs ``pip ins
 chunk) with one warp of L lanes per block, each block the spec's ``attend_part`` over its chunk, then a merge kernel
 that calls the spec's ``attention.merge_parts``. The chunk count comes from n and the SM count
 (:func:`choose_chunks`); the lanes share each dot product through ``attention.lane_sum``, warp shuffles on a GPU
-(:func:`_register_lane_sum`). The merge rule itself lives only in ``kvref/attention.py``.
+(:func:`_register_lane_reductions`). The merge rule itself lives only in ``kvref/attention.py``.
 
 This package is imported only when a cache asks for ``backend="cuda"`` (see :mod:`kvref.backends`), so
 ``import kvref`` never touches ``numba.cuda``.
@@ -312,6 +312,22 @@ def flash_decode(kernels, n_keys, state_dims, args, out, lanes, parts=None):
     return out
 
 
+def _add(a, b):
+    return a + b
+
+
+def _larger(a, b):
+    return max(a, b)
+
+
+def _smaller(a, b):
+    return min(a, b)
+
+
+def _bitwise_or(a, b):
+    return a | b
+
+
 def _simulated_butterfly(x, lanes, combine):
     """A lane reduction in the CUDA simulator, which has no warp shuffles: the butterfly of the GPU form
     (``lanes / 2, lanes / 4, ..., 1`` apart), each step through the block's barrier (the lanes sharing one reduction
@@ -343,39 +359,25 @@ def _simulated_lane_sum(x):
 
     manager = getattr(threading.current_thread(), "_manager", None)
     lanes = manager._block_dim[0] if manager is not None else 1
-    return _simulated_butterfly(x, lanes, lambda a, b: a + b)
+    return _simulated_butterfly(x, lanes, _add)
 
 
-def _simulated_lane_max(x, lanes):
-    return _simulated_butterfly(x, lanes, max)
+def _simulated(combine):
+    """The simulator's form of a ``quant.lane_*`` reduction ``(x, lanes)`` combining with ``combine``."""
+    return lambda x, lanes: _simulated_butterfly(x, lanes, combine)
 
 
-def _simulated_lane_min(x, lanes):
-    return _simulated_butterfly(x, lanes, min)
-
-
-def _simulated_lane_or(x, lanes):
-    return _simulated_butterfly(x, lanes, lambda a, b: a | b)
-
-
-def _shuffle_max(a, b):
-    return max(a, b)
-
-
-def _shuffle_min(a, b):
-    return min(a, b)
-
-
-def _shuffle_or(a, b):
-    return a | b
+#: the spec's lane reductions of kvref/quant.py (the quantize warps) and how each combines two lanes' values
+QUANT_LANE_REDUCTIONS = {"lane_max": _larger, "lane_min": _smaller, "lane_or": _bitwise_or}
 
 
 def _register_lane_reductions():
     """The compiled forms of the spec's lane reductions, ``attention.lane_sum`` (over the block's lanes) and
     ``quant.lane_max`` / ``lane_min`` / ``lane_or`` (over ``lanes`` lanes): warp shuffles on a GPU, a butterfly of
     ``cuda.shfl_xor_sync`` (log2 L steps; each step combines the same two values in every lane, so every lane gets
-    the same result). In the simulator the spec's globals are replaced by the ``_simulated_*`` functions above (whose
-    compiled forms, for CPU code compiled in the same process, are the identity)."""
+    the same value, up to the sign of a zero for max and min: the spec only compares those). In the simulator the
+    spec's globals are replaced by the simulated butterflies above (whose compiled forms, for CPU code compiled in
+    the same process, are the identity)."""
     from numba.extending import overload, register_jitable
 
     from .. import quant
@@ -383,41 +385,37 @@ def _register_lane_reductions():
     if config.ENABLE_CUDASIM:
         attention.lane_sum = _simulated_lane_sum
         overload(_simulated_lane_sum)(lambda x: (lambda x: x))
-        for name, simulated in (("lane_max", _simulated_lane_max), ("lane_min", _simulated_lane_min),
-                                ("lane_or", _simulated_lane_or)):
+        for name, combine in QUANT_LANE_REDUCTIONS.items():
+            simulated = _simulated(combine)
             setattr(quant, name, simulated)
             overload(simulated)(lambda x, lanes: (lambda x, lanes: x))
         return
 
-    @overload(attention.lane_sum, target="cuda")
-    def _lane_sum_cuda(x):
-        def lane_sum(x):
-            lanes = cuda.blockDim.x  # the lanes are the block: one warp or part of one, lanes a power of two
-            mask = np.uint32((np.int64(1) << lanes) - 1)
-            offset = lanes // 2
-            while offset > 0:
-                x += cuda.shfl_xor_sync(mask, x, offset)
-                offset //= 2
-            return x
-
-        return lane_sum
-
     def butterfly(combine):
+        """``reduce(x, lanes)``: the shuffle butterfly over one warp's first ``lanes`` threads."""
         combine = register_jitable(combine)
 
+        @register_jitable
         def reduce(x, lanes):
-            mask = np.uint32((np.int64(1) << lanes) - 1)  # the lanes are one warp's first `lanes` threads
+            mask = np.uint32((np.int64(1) << lanes) - 1)
             offset = lanes // 2
             while offset > 0:
                 x = combine(x, cuda.shfl_xor_sync(mask, x, offset))
                 offset //= 2
             return x
 
-        return lambda x, lanes: reduce
+        return reduce
 
-    overload(quant.lane_max, target="cuda")(butterfly(_shuffle_max))
-    overload(quant.lane_min, target="cuda")(butterfly(_shuffle_min))
-    overload(quant.lane_or, target="cuda")(butterfly(_shuffle_or))
+    def over_lanes(combine):
+        """The typing function of an overload ``(x, lanes)``: the butterfly of ``combine``."""
+        reduce = butterfly(combine)
+        return lambda x, lanes: (lambda x, lanes: reduce(x, lanes))
+
+    block_sum = butterfly(_add)
+    overload(attention.lane_sum, target="cuda")(
+        lambda x: (lambda x: block_sum(x, cuda.blockDim.x)))  # the lanes are the block: one warp or part of one
+    for name, combine in QUANT_LANE_REDUCTIONS.items():
+        overload(getattr(quant, name), target="cuda")(over_lanes(combine))
 
 
 _register_lane_reductions()

@@ -102,6 +102,17 @@ KERNELS = {
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers and the operations object a cache calls
 # ---------------------------------------------------------------------------------------------------------------
+assert QUANT_LANES > 1, "every block gets the same one-lane scratch row: it must never be written"
+_UNUSED_SCRATCH = []
+
+
+def _unused_scratch():
+    """The spec's one-lane scratch argument, a (1, 32) device array allocated once: the warps never touch it."""
+    if not _UNUSED_SCRATCH:
+        _UNUSED_SCRATCH.append(cuda.device_array((1, BLOCK), np.float32))
+    return _UNUSED_SCRATCH[0]
+
+
 def _warp_per_item(n_items):
     """(blocks, threads) for one warp of QUANT_LANES threads per work item, as Python ints: a real GPU refuses a
     numpy integer as a launch dimension (the simulator takes it), and the item counts come from numpy shapes."""
@@ -113,7 +124,7 @@ def commit_tokens(tail, store, layer, seq_ids, positions, tiers, pending_k, pend
     one warp of QUANT_LANES threads per work item."""
     n_seq, n_tokens, kv_heads, _ = pending_k.shape
     d_seq_ids, d_positions, d_tiers = on_device(seq_ids), on_device(positions), on_device(tiers)
-    unused_scratch = cuda.device_array((1, BLOCK), np.float32)  # the spec's one-lane scratch; warps read the row
+    unused_scratch = _unused_scratch()  # the spec's one-lane scratch; the warps read the row itself
     n_old = max(two_tier.old_tokens_leaving(positions, tiers, i) for i in range(n_seq))  # the spec's count, on host
     if n_old > 0:
         _migrate_kernel[_warp_per_item(n_seq * n_old * kv_heads)](tail, store, int(layer), d_seq_ids, d_positions,
